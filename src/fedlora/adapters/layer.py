@@ -1,0 +1,70 @@
+"""The low-rank layer: y = W0 x + s · B (C) A x, with s = alpha / r.
+
+LoRA keeps A (r×d, down) and B (k×r, up); the tri-matrix form adds a dense core C (r×r) between
+them (CE-LoRA). W0 stays frozen; which of A, B, C train is set per round by the method.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, tri: bool = False):
+        super().__init__()
+        k, d = base.weight.shape  # (out, in)
+        if r > min(k, d):
+            raise ValueError(f"adapter rank r={r} is larger than the layer ({k}×{d})")
+        self.base = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.r, self.scale = r, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev, dt = base.weight.device, base.weight.dtype
+        self.A = nn.Parameter(torch.empty(r, d, device=dev, dtype=dt))  # (r, in)
+        self.B = nn.Parameter(torch.zeros(k, r, device=dev, dtype=dt))  # (out, r)
+        self.C = nn.Parameter(torch.zeros(r, r, device=dev, dtype=dt)) if tri else None  # (r, r)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0 -> ΔW = 0
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B C A (or s · B A), shape (out, in)."""
+        up = self.B @ self.C if self.C is not None else self.B
+        return self.scale * (up @ self.A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = self.dropout(x) @ self.A.t()  # (..., r)
+        if self.C is not None:
+            h = h @ self.C.t()  # (..., r)
+        return y + self.scale * (h @ self.B.t())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into W0 for inference; forward then costs what the base layer costs."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scale={self.scale:g}, tri={self.C is not None}"

@@ -1,0 +1,59 @@
+"""Write an adapter state as a standard PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+
+PEFT's LoRA computes W0 x + (alpha / r) · lora_B(lora_A(x)); the tri-matrix form B C A is exported
+with C folded into B (lora_B = B C), which is exact. The task head goes to `modules_to_save`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .model import factor_of
+
+
+def export_peft(
+    state: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    r: int,
+    alpha: float,
+    targets: list[str],
+    head_modules: list[str],
+    base_model: str | None = None,
+    task_type: str | None = "SEQ_CLS",
+    dropout: float = 0.0,
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for t in targets:
+        A, B = state[f"{t}.A"], state[f"{t}.B"]
+        C = state.get(f"{t}.C")
+        up = B @ C if C is not None else B  # (out, r)
+        tensors[f"base_model.model.{t}.lora_A.weight"] = A.contiguous().float()
+        tensors[f"base_model.model.{t}.lora_B.weight"] = up.contiguous().float()
+    for k, v in state.items():
+        if factor_of(k) == "head":
+            tensors[f"base_model.model.{k}"] = v.contiguous().float()
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(targets),
+        "modules_to_save": list(head_modules) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

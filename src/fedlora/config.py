@@ -1,0 +1,194 @@
+"""Run configuration: pydantic models, YAML loading, `--set key=value` overrides.
+
+Every section forbids unknown fields, so a misspelled key fails with one line naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the field or file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    # "minilm" (packaged all-MiniLM-L6-v2), "tiny-bert" (random, for tests), a local folder or a hub name
+    name: str = "minilm"
+    max_length: int = Field(64, gt=0)
+    seed_head: bool = True  # initialise the task head from the run seed, identically on every client
+
+
+class TaskConfig(_Section):
+    # registered task name (see `fedlora tasks`) or "csv" / "jsonl" with `path`
+    name: str = "rt-sentiment"
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    max_examples: int | None = Field(None, gt=0)  # subsample the whole task (seeded), for quick runs
+    max_per_class: int | None = Field(None, gt=0)  # cap examples per label (healthtweets: 500 per outlet)
+
+
+class PartitionConfig(_Section):
+    num_clients: int = Field(10, gt=0)
+    scheme: Literal["iid", "dirichlet", "shards", "natural"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration on the label
+    shards_per_client: int = Field(2, gt=0)  # pathological split: label-sorted shards per client
+    column: str | None = None  # `natural`: the column whose values are the clients
+    min_partition_size: int = Field(10, ge=0)
+    global_test_fraction: float = Field(0.2, gt=0, lt=1)  # held out before partitioning
+    client_test_fraction: float = Field(0.2, gt=0, lt=1)  # each client's own test split
+
+
+class AdapterConfig(_Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    head_modules: list[str] | None = None  # None: detected ("classifier" / "score")
+
+
+class CELoRAConfig(_Section):
+    ab_init: Literal["svd", "random"] = "svd"
+    ab_train: Literal["frozen", "local"] = "local"
+    beta: float = Field(0.5, ge=0, le=1)  # weight of data-space vs parameter-space similarity
+    tau: float = Field(1.0, gt=0)  # softmax temperature; very large -> plain FedAvg of C
+    weights: Literal["softmax", "learned"] = "softmax"
+    learned_steps: int = Field(20, ge=0)
+    learned_lambda: float = Field(1.0, ge=0)
+    learned_lr: float = Field(0.1, gt=0)
+    descriptor_sigma: float = Field(0.0, ge=0)  # Gaussian noise on the data descriptor
+
+
+class MethodConfig(_Section):
+    name: str = "fedit"
+    head: Literal["shared", "personal"] | None = None  # None: the method's default
+    celora: CELoRAConfig = Field(default_factory=CELoRAConfig)
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(5, gt=0)
+    clients_per_round: int | None = Field(None, gt=0)  # None: every client, every round
+    min_clients: int = Field(1, ge=1)
+    dropout_rate: float = Field(0.0, ge=0, lt=1)  # a sampled client fails to return with this probability
+    max_update_norm: float | None = Field(None, gt=0)  # reject uploads whose L2 norm is larger
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(10, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(1e-3, gt=0)  # A and B
+    lr_c: float = Field(3e-2, gt=0)  # the tri-matrix core C: needs a much higher lr than LoRA
+    lr_head: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, gt=0)  # evaluate every k rounds (and always after the last)
+    batch_size: int = Field(64, gt=0)
+    max_global_examples: int | None = Field(1000, gt=0)
+    max_client_examples: int | None = Field(None, gt=0)
+
+
+class OutputConfig(_Section):
+    dir: str = "runs"
+    save_client_states: bool = True
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    threads: int | None = Field(None, gt=0)  # torch threads; None: torch's default
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        n = self.partition.num_clients
+        if self.federation.clients_per_round is not None and self.federation.clients_per_round > n:
+            raise ValueError(f"federation.clients_per_round ({self.federation.clients_per_round}) "
+                             f"> partition.num_clients ({n})")
+        if self.federation.min_clients > n:
+            raise ValueError(f"federation.min_clients ({self.federation.min_clients}) > partition.num_clients ({n})")
+        return self
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{loc}'")
+        else:
+            parts.append(f"{loc}: {e['msg']}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    for p in path:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"--set {key}: '{p}' is not a section")
+    d[last] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["train.lr=3e-4", "method.name=ffa"]` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(data: dict | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    data = data or {}
+    if overrides:
+        data = _merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return build_config(data, overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

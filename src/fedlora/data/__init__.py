@@ -1,0 +1,6 @@
+from .loader import BatchStream, Examples, concat, tokenize
+from .partition import Split, label_histogram, split_task
+from .tasks import DESCRIPTIONS, TASKS, Task, load_task
+
+__all__ = ["DESCRIPTIONS", "TASKS", "BatchStream", "Examples", "Split", "Task", "concat", "label_histogram",
+           "load_task", "split_task", "tokenize"]

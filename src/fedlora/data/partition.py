@@ -1,0 +1,78 @@
+"""Client partitions through flwr-datasets partitioners, then per-client train/test splits.
+
+Order: shuffle (seeded) -> hold out the global test set -> partition the rest over clients ->
+split each client's part into its own train and test (personalized evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from datasets import Dataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    ShardPartitioner,
+)
+
+from ..config import PartitionConfig
+from .tasks import Task
+
+
+@dataclass
+class Split:
+    global_test: np.ndarray  # example indices into the task
+    clients: list[tuple[np.ndarray, np.ndarray]]  # (train indices, test indices) per client
+
+
+def make_partitioner(cfg: PartitionConfig, seed: int) -> Partitioner:
+    n = cfg.num_clients
+    if cfg.scheme == "iid":
+        return IidPartitioner(num_partitions=n)
+    if cfg.scheme == "dirichlet":
+        return DirichletPartitioner(num_partitions=n, partition_by="label", alpha=cfg.alpha,
+                                    min_partition_size=cfg.min_partition_size, self_balancing=False, seed=seed)
+    if cfg.scheme == "shards":
+        return ShardPartitioner(num_partitions=n, partition_by="label",
+                                num_shards_per_partition=cfg.shards_per_client, seed=seed)
+    if cfg.scheme == "natural":
+        if not cfg.column:
+            raise ValueError("partition.column is required for partition.scheme 'natural'")
+        return NaturalIdPartitioner(partition_by=cfg.column)
+    raise ValueError(f"partition.scheme: unknown scheme '{cfg.scheme}'")
+
+
+def split_task(task: Task, cfg: PartitionConfig, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(task.labels))
+    n_test = int(round(len(order) * cfg.global_test_fraction))
+    global_test, rest = np.sort(order[:n_test]), order[n_test:]
+    columns = {"idx": rest.tolist(), "label": [task.labels[i] for i in rest]}
+    if cfg.scheme == "natural":
+        if cfg.column not in task.columns and cfg.column != "label":
+            raise ValueError(f"partition.column: task '{task.name}' has no column '{cfg.column}' "
+                             f"(has: {sorted(task.columns) + ['label']})")
+        if cfg.column != "label":
+            columns[cfg.column] = [task.columns[cfg.column][i] for i in rest]
+    partitioner = make_partitioner(cfg, seed)
+    partitioner.dataset = Dataset.from_dict(columns)
+    if partitioner.num_partitions != cfg.num_clients:
+        raise ValueError(f"partition.num_clients is {cfg.num_clients} but column '{cfg.column}' has "
+                         f"{partitioner.num_partitions} distinct values")
+    clients = []
+    for cid in range(cfg.num_clients):
+        idx = np.asarray(partitioner.load_partition(cid)["idx"], dtype=np.int64)
+        if len(idx) < 2:
+            raise ValueError(f"client {cid} got {len(idx)} examples: partition too small "
+                             f"(fewer clients, a larger partition.alpha, or more data)")
+        idx = idx[np.random.default_rng([seed, cid]).permutation(len(idx))]
+        n_c = max(1, int(round(len(idx) * cfg.client_test_fraction)))
+        clients.append((np.sort(idx[n_c:]), np.sort(idx[:n_c])))
+    return Split(global_test, clients)
+
+
+def label_histogram(labels: list[int] | np.ndarray, num_labels: int) -> np.ndarray:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)

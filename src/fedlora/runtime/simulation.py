@@ -1,0 +1,211 @@
+"""In-process simulation: one process, ONE base model, every client's adapter state swapped in and out.
+
+Per round: sample clients -> each downloads, trains, uploads -> the server validates and
+aggregates -> evaluation -> one line in `metrics.jsonl`. Memory grows with the clients' adapter
+states only (server-held tensors are shared by reference, never copied per client).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from ..accounting import payload_bytes
+from ..adapters import inject_adapters
+from ..config import RunConfig, dump_config
+from ..data import BatchStream, Examples, concat, load_task, split_task, tokenize
+from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
+from ..methods import get_method
+from ..models import load_classifier, load_tokenizer
+from ..train import evaluate
+
+log = logging.getLogger("fedlora")
+
+BYTE_KEYS = ("raw", "raw_adapter", "raw_head", "serialized")
+
+
+class Simulation:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.output.dir) / cfg.name
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.method = get_method(cfg.method.name)(cfg)
+
+        # data: tokenized once; clients hold index subsets
+        t = cfg.task
+        self.task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
+                              max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed)
+        self.split = split_task(self.task, cfg.partition, cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        everything = tokenize(self.tokenizer, self.task.texts, self.task.labels, cfg.model.max_length)
+        self.global_test = everything.subset(self.split.global_test).head(cfg.eval.max_global_examples)
+        self.client_train = [everything.subset(tr) for tr, _ in self.split.clients]
+        self.client_test = [everything.subset(te).head(cfg.eval.max_client_examples) for _, te in self.split.clients]
+        self.num_clients = cfg.partition.num_clients
+
+        # one base model, adapters injected once
+        model = load_classifier(cfg.model.name, self.task.num_labels, cfg.seed)
+        a = cfg.adapter
+        self.am = inject_adapters(model, a.target_modules, a.r, a.alpha, a.dropout, tri=self.method.tri,
+                                  head_modules=a.head_modules)
+        self.method.setup(self)
+        self.init_state = self.am.get_state()
+        self.server = Server(self.method, self.init_state, cfg.federation)
+
+        # trainers: one per client, or one pooled trainer for the centralized reference
+        self.train_sets: list[Examples] = [concat(self.client_train)] if self.method.pooled else self.client_train
+        self.clients: dict[int, ClientState] = {
+            cid: self.server.initial_client_state(self.init_state) for cid in range(len(self.train_sets))}
+        self.streams = [BatchStream(len(d), cfg.train.batch_size, cfg.seed, cid)
+                        for cid, d in enumerate(self.train_sets)]
+        self.sample_rng = np.random.default_rng([cfg.seed, 101])
+        self.dropout_rng = np.random.default_rng([cfg.seed, 102])
+        self.cumulative = {f"up_{k}": 0 for k in BYTE_KEYS} | {f"down_{k}": 0 for k in BYTE_KEYS}
+        self.history: list[dict] = []
+
+    # ---- one round ----
+    def sample(self) -> list[int]:
+        n, k = len(self.train_sets), self.cfg.federation.clients_per_round
+        if self.method.pooled or k is None or k >= n:
+            return list(range(n))
+        return sorted(self.sample_rng.choice(n, size=k, replace=False).tolist())
+
+    def run_round(self, t: int) -> dict:
+        start = time.perf_counter()
+        fed = self.cfg.federation
+        cids = self.sample()
+        uploads: list[Upload] = []
+        rejected, dropped, losses = [], [], []
+        up = dict.fromkeys(BYTE_KEYS, 0)
+        down = dict.fromkeys(BYTE_KEYS, 0)
+        for cid in cids:
+            dl = self.server.download(cid, t)
+            for k, v in payload_bytes(dl.tensors).items():
+                down[k] += v
+            if fed.dropout_rate and not self.method.pooled and self.dropout_rng.random() < fed.dropout_rate:
+                self.clients[cid] = apply_download(self.clients[cid], dl)  # received, then vanished
+                dropped.append(cid)
+                continue
+            upload, self.clients[cid] = client_fit(self.am, self.method, self.clients[cid], dl,
+                                                   self.train_sets[cid], self.streams[cid], self.cfg.train)
+            losses.append(upload.metrics["train_loss"])
+            for k, v in payload_bytes(upload.tensors).items():
+                up[k] += v
+            reason = self.server.validate(upload, t)
+            if reason:
+                log.warning("round %d: rejected upload of client %d: %s", t, cid, reason)
+                rejected.append({"client": cid, "reason": reason})
+            else:
+                uploads.append(upload)
+        skipped = len(uploads) < fed.min_clients
+        if skipped:
+            log.warning("round %d: %d uploads < min_clients %d, round skipped", t, len(uploads), fed.min_clients)
+        else:
+            self.server.aggregate(t, uploads)
+        for k in BYTE_KEYS:
+            self.cumulative[f"up_{k}"] += up[k]
+            self.cumulative[f"down_{k}"] += down[k]
+        n_up = max(1, len(cids) - len(dropped))
+        row = {"round": t, "clients": cids, "dropped": dropped, "rejected": rejected, "skipped": skipped,
+               "train_loss": float(np.mean(losses)) if losses else None,
+               **{f"up_{k}": v for k, v in up.items()}, **{f"down_{k}": v for k, v in down.items()},
+               "up_raw_adapter_per_client": up["raw_adapter"] / n_up,
+               "up_raw_per_client": up["raw"] / n_up,
+               **{f"cum_{k}": v for k, v in self.cumulative.items()}}
+        if t % self.cfg.eval.every == 0 or t == fed.rounds:
+            row |= self.evaluate()
+        row["wall_s"] = time.perf_counter() - start
+        return row
+
+    # ---- evaluation ----
+    def eval_state(self, cid: int) -> dict[str, torch.Tensor]:
+        """Client `cid`'s model now: its state with the download it would receive applied."""
+        state = self.clients[0 if self.method.pooled else cid]
+        t = self.server.last_round + 1
+        dl = {} if self.method.pooled else self.method.download(self.server, cid, t)
+        return apply_download(state, Download(cid, t, dl)).full()
+
+    def single_model(self) -> bool:
+        return self.method.pooled or all(not s.personal for s in self.clients.values())
+
+    def evaluate(self) -> dict:
+        bs = self.cfg.eval.batch_size
+        per_client = []
+        if self.single_model():
+            self.am.set_state(self.eval_state(0))
+            g = evaluate(self.am, self.global_test, bs)
+            per_client = [evaluate(self.am, d, bs) for d in self.client_test]
+        else:
+            gs = []
+            for cid in range(self.num_clients):
+                self.am.set_state(self.eval_state(cid))
+                per_client.append(evaluate(self.am, self.client_test[cid], bs))
+                gs.append(evaluate(self.am, self.global_test, bs))
+            g = {k: float(np.mean([x[k] for x in gs])) for k in ("accuracy", "macro_f1", "loss")}
+        n = np.array([m["n"] for m in per_client], dtype=float)
+        acc = np.array([m["accuracy"] for m in per_client])
+        return {"global_accuracy": g["accuracy"], "global_macro_f1": g["macro_f1"], "global_loss": g["loss"],
+                "personal_accuracy": float(acc.mean()), "personal_accuracy_weighted": float((acc * n).sum() / n.sum()),
+                "personal_accuracy_std": float(acc.std()),
+                "personal_macro_f1": float(np.mean([m["macro_f1"] for m in per_client])),
+                "client_accuracy": [round(float(a), 4) for a in acc]}
+
+    # ---- the whole run ----
+    def run(self, on_round: Callable[[dict], None] | None = None) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        self.write_adapter_meta()
+        start = time.perf_counter()
+        with open(self.run_dir / "metrics.jsonl", "w") as f:
+            for t in range(1, self.cfg.federation.rounds + 1):
+                row = self.run_round(t)
+                self.history.append(row)
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                if on_round:
+                    on_round(row)
+        summary = self.summary(time.perf_counter() - start)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.cfg.output.save_client_states:
+            self.save_states()
+        return summary
+
+    def summary(self, wall: float) -> dict:
+        last = next((r for r in reversed(self.history) if "global_accuracy" in r), {})
+        rounds = len(self.history)
+        per_client_round = [r["up_raw_adapter_per_client"] for r in self.history]
+        return {"name": self.cfg.name, "method": self.method.name, "head": self.method.head,
+                "task": self.task.name, "num_clients": self.num_clients, "rounds": rounds,
+                "global_accuracy": last.get("global_accuracy"), "personal_accuracy": last.get("personal_accuracy"),
+                "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
+                "global_macro_f1": last.get("global_macro_f1"),
+                "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
+                **self.cumulative, "wall_s": wall}
+
+    def write_adapter_meta(self) -> None:
+        meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.am.r,
+                "alpha": self.am.alpha, "tri": self.am.tri, "model": self.cfg.model.name,
+                "num_labels": self.task.num_labels, "label_names": self.task.label_names,
+                "num_clients": self.num_clients, "method": self.method.name}
+        (self.run_dir / "adapter_meta.json").write_text(json.dumps(meta, indent=2))
+
+    def save_states(self) -> None:
+        """Each client's model state and the server's global tensors, as safetensors."""
+        d = self.run_dir / "states"
+        d.mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.server.global_state.items()} or {}, str(d / "server.safetensors"))
+        if self.single_model():
+            save_file(self.eval_state(0), str(d / "global.safetensors"))
+        for cid in range(self.num_clients):
+            save_file({k: v.contiguous() for k, v in self.eval_state(cid).items()}, str(d / f"client_{cid}.safetensors"))
