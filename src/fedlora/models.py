@@ -46,7 +46,8 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise FileNotFoundError(f"model.name: cannot load a tokenizer from '{name}': {str(e).splitlines()[0]}") from None
+        msg = str(e).splitlines()[0]
+        raise FileNotFoundError(f"model.name: cannot load a tokenizer from '{name}': {msg}") from None
 
 
 def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:

@@ -60,5 +60,5 @@ def evaluate(am: AdaptedModel, data: Examples, batch_size: int = 64) -> dict[str
         preds.append(out.logits.argmax(-1))
     pred = torch.cat(preds)
     num_labels = int(max(pred.max().item(), data.labels.max().item())) + 1
-    return {"accuracy": (pred == data.labels).float().mean().item(), "macro_f1": macro_f1(pred, data.labels, num_labels),
-            "loss": loss_sum / len(data), "n": len(data)}
+    return {"accuracy": (pred == data.labels).float().mean().item(),
+            "macro_f1": macro_f1(pred, data.labels, num_labels), "loss": loss_sum / len(data), "n": len(data)}

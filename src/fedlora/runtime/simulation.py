@@ -208,4 +208,5 @@ class Simulation:
         if self.single_model():
             save_file(self.eval_state(0), str(d / "global.safetensors"))
         for cid in range(self.num_clients):
-            save_file({k: v.contiguous() for k, v in self.eval_state(cid).items()}, str(d / f"client_{cid}.safetensors"))
+            state = {k: v.contiguous() for k, v in self.eval_state(cid).items()}
+            save_file(state, str(d / f"client_{cid}.safetensors"))
