@@ -21,6 +21,7 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# pytest exits 5 when it collects no test: that is a failure here too (make stops on any non-zero)
 test: lint
 	$(VENV)/bin/pytest -q tests
 

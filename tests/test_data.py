@@ -24,9 +24,10 @@ def test_same_seed_same_split_other_seed_other_split():
     _, a = split(seed=3, alpha=0.5)
     _, b = split(seed=3, alpha=0.5)
     _, c = split(seed=4, alpha=0.5)
-    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a.clients, b.clients))
+    pairs = zip(a.clients, b.clients, strict=True)
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in pairs)
     assert np.array_equal(a.global_test, b.global_test)
-    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a.clients, c.clients))
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a.clients, c.clients, strict=True))
 
 
 def test_splits_are_disjoint_and_cover_the_data():

@@ -35,7 +35,7 @@ def test_fedit_uploads_a_b_and_server_average_is_example_weighted(tiny):
     sim, rec = run(tiny, "fedit")
     sizes = {len(d) for d in sim.train_sets}
     assert len(sizes) > 1, "clients should hold different numbers of examples"
-    for t, r in rec.rounds.items():
+    for r in rec.rounds.values():
         ups = r["uploads"]
         assert all(factors(u) == {"A", "B", "head"} for u in ups)
         for k in ups[0].tensors:

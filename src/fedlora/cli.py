@@ -54,13 +54,15 @@ def fmt_mb(b: float) -> str:
     return f"{b / 1e6:.3f}"
 
 
-def run_with_progress(cfg, run_dir: Path | None = None) -> dict:
+def run_with_progress(cfg, run_dir: Path | None = None, resume: bool = False) -> dict:
     from .runtime.simulation import Simulation
 
     sim = Simulation(cfg, run_dir)
     with Progress(TextColumn(f"[bold]{cfg.name}[/bold] ({cfg.method.name})"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("rounds", total=cfg.federation.rounds, info="")
+        if resume:
+            bar.update(task, description="resumed")
 
         def on_round(row: dict) -> None:
             info = ""
@@ -68,7 +70,7 @@ def run_with_progress(cfg, run_dir: Path | None = None) -> dict:
                 info = f"global {row['global_accuracy']:.3f}  personal {row['personal_accuracy']:.3f}"
             bar.update(task, advance=1, info=info)
 
-        summary = sim.run(on_round)
+        summary = sim.run(on_round, resume=resume)
     summary["run_dir"] = str(sim.run_dir)
     return summary
 
@@ -85,16 +87,49 @@ def summary_table(rows: list[dict], title: str = "results") -> Table:
     return table
 
 
+# fields that may change between a run and its resumption
+RESUMABLE_CHANGES = ("federation.rounds", "eval.", "output.", "name")
+
+
+def check_resumable(cfg, run_dir: Path) -> None:
+    import yaml
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        fail(f"--resume: not a run directory (no config.yaml): {run_dir}")
+    saved, now = yaml.safe_load(saved_path.read_text()), cfg.model_dump(mode="json")
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    a, b = flat(saved), flat(now)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        fail(f"--resume: the config differs from the run's in {', '.join(changed)}")
+
+
 @app.command()
 def run(config: Path = typer.Argument(..., help="YAML config"),
         set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.lr=3e-4"),
-        out: Path | None = typer.Option(None, "--out", help="run directory (default runs/<name>)")) -> None:
+        out: Path | None = typer.Option(None, "--out", help="run directory (default runs/<name>)"),
+        resume: Path | None = typer.Option(None, "--resume", help="continue this run directory")) -> None:
     """Run one federated training from a YAML config."""
     from .config import load_config
 
     _quiet_libraries()
     cfg = _guard(load_config, config, set_)
-    summary = _guard(run_with_progress, cfg, out)
+    if resume is not None:
+        check_resumable(cfg, resume)
+    run_dir = resume or out or Path(cfg.output.dir) / cfg.name
+    try:
+        summary = _guard(run_with_progress, cfg, run_dir, resume is not None)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the last complete round is checkpointed in {run_dir}\n"
+                      f"resume with: fedlora run {config} --resume {run_dir}")
+        raise typer.Exit(130) from None
     console.print(summary_table([summary], title=cfg.name))
     console.print(f"run directory: {summary['run_dir']}")
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..accounting import payload_bytes
 from ..adapters import inject_adapters
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, dump_config
 from ..data import BatchStream, Examples, concat, load_task, split_task, tokenize
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
@@ -161,21 +162,60 @@ class Simulation:
                 "personal_macro_f1": float(np.mean([m["macro_f1"] for m in per_client])),
                 "client_accuracy": [round(float(a), 4) for a in acc]}
 
+    # ---- checkpoints: everything a bit-identical resume needs ----
+    def snapshot(self) -> dict:
+        server = self.server
+        clients = {}
+        for cid, st in self.clients.items():
+            # a shared tensor that IS the server's current one is stored once, as a reference
+            shared = {k: (None if v is server.global_state.get(k) else v) for k, v in st.shared.items()}
+            clients[cid] = {"shared": shared, "personal": st.personal}
+        return {
+            "round": len(self.history), "history": self.history, "cumulative": self.cumulative,
+            "server": {"global_state": server.global_state, "version": server.version, "synced": server.synced,
+                       "last_round": server.last_round, "extra": server.extra},
+            "clients": clients, "streams": [s.state() for s in self.streams],
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "sample": self.sample_rng.bit_generator.state, "dropout": self.dropout_rng.bit_generator.state},
+        }
+
+    def restore(self, ck: dict) -> None:
+        server, s = self.server, ck["server"]
+        server.global_state, server.version = s["global_state"], s["version"]
+        server.synced, server.last_round, server.extra = s["synced"], s["last_round"], s["extra"]
+        self.clients = {
+            cid: ClientState({k: (server.global_state[k] if v is None else v) for k, v in c["shared"].items()},
+                             c["personal"]) for cid, c in ck["clients"].items()}
+        for stream, state in zip(self.streams, ck["streams"], strict=True):
+            stream.load(state)
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate(ck["rng"]["python"])
+        self.sample_rng.bit_generator.state = ck["rng"]["sample"]
+        self.dropout_rng.bit_generator.state = ck["rng"]["dropout"]
+        self.history, self.cumulative = ck["history"], ck["cumulative"]
+
     # ---- the whole run ----
-    def run(self, on_round: Callable[[dict], None] | None = None) -> dict:
+    def run(self, on_round: Callable[[dict], None] | None = None, resume: bool = False) -> dict:
+        """Run every round; with `resume`, continue after the last complete checkpointed round."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         self.write_adapter_meta()
-        start = time.perf_counter()
+        ck = load_checkpoint(self.run_dir) if resume else None
+        if ck is not None:
+            self.restore(ck)
+            log.info("resuming %s after round %d", self.run_dir, ck["round"])
         with open(self.run_dir / "metrics.jsonl", "w") as f:
-            for t in range(1, self.cfg.federation.rounds + 1):
+            for row in self.history:  # rows of rounds after the checkpoint (if any) are dropped
+                f.write(json.dumps(row) + "\n")
+            for t in range(len(self.history) + 1, self.cfg.federation.rounds + 1):
                 row = self.run_round(t)
                 self.history.append(row)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
+                save_checkpoint(self.run_dir, self.snapshot())
                 if on_round:
                     on_round(row)
-        summary = self.summary(time.perf_counter() - start)
+        summary = self.summary(sum(r["wall_s"] for r in self.history))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.cfg.output.save_client_states:
             self.save_states()
