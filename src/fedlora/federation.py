@@ -1,23 +1,32 @@
 """The core of a round, transport-free: the Server and the client's fit, driven by every runtime.
 
-    Server.download(cid, t)        -> Download (per client; a method may personalize it)
-    client_fit(...)                -> Upload, the client's new state
-    Server.validate(upload, t)     -> None, or the reason it is rejected
-    Server.aggregate(t, accepted)  -> new global / per-client state, via the method
+    Server.sample()                       -> the round's clients
+    Server.download(cid, t)               -> Download (per client; a method may personalize it)
+    client_fit(...)                       -> Upload, the client's new state       (on the client)
+    Server.finish_round(t, downloads, uploads)
+        validate each upload (rejected ones are logged, never averaged), aggregate via the method,
+        count the bytes of every download and upload -> the round's metrics row
+A runtime only moves Downloads to clients and Uploads back (in process, or over Flower).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from .accounting import payload_bytes
 from .adapters import AdaptedModel, factor_of
 from .config import FederationConfig, TrainConfig
 from .data import BatchStream, Examples
 from .methods import Method
 from .train import local_train
+
+log = logging.getLogger("fedlora")
+BYTE_KEYS = ("raw", "raw_adapter", "raw_head", "serialized")
 
 
 @dataclass
@@ -49,8 +58,11 @@ class ClientState:
 
 
 class Server:
-    def __init__(self, method: Method, init_state: dict[str, torch.Tensor], fed: FederationConfig):
-        self.method, self.fed = method, fed
+    def __init__(self, method: Method, init_state: dict[str, torch.Tensor], fed: FederationConfig,
+                 num_clients: int, seed: int = 0):
+        self.method, self.fed, self.num_clients = method, fed, num_clients
+        self.sample_rng = np.random.default_rng([seed, 101])
+        self.cumulative = {f"{d}_{k}": 0 for d in ("up", "down") for k in BYTE_KEYS}
         shared = method.shared()
         self.global_state = {k: v for k, v in init_state.items() if factor_of(k) in shared}
         self.version = dict.fromkeys(self.global_state, 0)  # round in which each key last changed
@@ -63,6 +75,12 @@ class Server:
         # the seeded initial adapter, identical on every client; shared keys reference the server's
         return ClientState(shared=dict(self.global_state),
                            personal={k: v.clone() for k, v in init_state.items() if k not in self.global_state})
+
+    def sample(self) -> list[int]:
+        k = self.fed.clients_per_round
+        if k is None or k >= self.num_clients:
+            return list(range(self.num_clients))
+        return sorted(self.sample_rng.choice(self.num_clients, size=k, replace=False).tolist())
 
     def download(self, cid: int, t: int) -> Download:
         dl = Download(cid, t, self.method.download(self, cid, t))
@@ -102,6 +120,53 @@ class Server:
         if uploads and uploads[0].tensors:
             self.method.aggregate(self, t, uploads)
         self.last_round = t
+
+    def finish_round(self, t: int, downloads: dict[int, Download], uploads: dict[int, Upload | None]) -> dict:
+        """Validate, aggregate and count one round; `uploads[cid]` is None for a client that never returned."""
+        up, down = dict.fromkeys(BYTE_KEYS, 0), dict.fromkeys(BYTE_KEYS, 0)
+        for dl in downloads.values():
+            for k, v in payload_bytes(dl.tensors).items():
+                down[k] += v
+        accepted, rejected, losses = [], [], []
+        dropped = [cid for cid in downloads if uploads.get(cid) is None]
+        for cid, upload in uploads.items():
+            if upload is None:
+                continue
+            for k, v in payload_bytes(upload.tensors).items():
+                up[k] += v
+            if "train_loss" in upload.metrics:
+                losses.append(upload.metrics["train_loss"])
+            reason = self.validate(upload, t)
+            if reason:
+                log.warning("round %d: rejected upload of client %d: %s", t, cid, reason)
+                rejected.append({"client": cid, "reason": reason})
+            else:
+                accepted.append(upload)
+        skipped = len(accepted) < self.fed.min_clients
+        if skipped:
+            log.warning("round %d: %d uploads < min_clients %d, round skipped", t, len(accepted),
+                        self.fed.min_clients)
+        else:
+            self.aggregate(t, accepted)
+        for k in BYTE_KEYS:
+            self.cumulative[f"up_{k}"] += up[k]
+            self.cumulative[f"down_{k}"] += down[k]
+        n_up = max(1, len(downloads) - len(dropped))
+        return {"round": t, "clients": sorted(downloads), "dropped": dropped, "rejected": rejected,
+                "skipped": skipped, "train_loss": float(np.mean(losses)) if losses else None,
+                **{f"up_{k}": v for k, v in up.items()}, **{f"down_{k}": v for k, v in down.items()},
+                "up_raw_adapter_per_client": up["raw_adapter"] / n_up, "up_raw_per_client": up["raw"] / n_up,
+                **{f"cum_{k}": v for k, v in self.cumulative.items()}}
+
+    def state_dict(self) -> dict:
+        return {"global_state": self.global_state, "version": self.version, "synced": self.synced,
+                "last_round": self.last_round, "extra": self.extra, "cumulative": self.cumulative,
+                "sample_rng": self.sample_rng.bit_generator.state}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.global_state, self.version, self.synced = s["global_state"], s["version"], s["synced"]
+        self.last_round, self.extra, self.cumulative = s["last_round"], s["extra"], s["cumulative"]
+        self.sample_rng.bit_generator.state = s["sample_rng"]
 
 
 def apply_download(state: ClientState, dl: Download) -> ClientState:

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..accounting import payload_bytes
 from ..adapters import inject_adapters
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, dump_config
@@ -29,8 +28,6 @@ from ..models import load_classifier, load_tokenizer
 from ..train import evaluate
 
 log = logging.getLogger("fedlora")
-
-BYTE_KEYS = ("raw", "raw_adapter", "raw_head", "serialized")
 
 
 class Simulation:
@@ -62,69 +59,32 @@ class Simulation:
                                   head_modules=a.head_modules)
         self.method.setup(self)
         self.init_state = self.am.get_state()
-        self.server = Server(self.method, self.init_state, cfg.federation)
 
         # trainers: one per client, or one pooled trainer for the centralized reference
         self.train_sets: list[Examples] = [concat(self.client_train)] if self.method.pooled else self.client_train
+        self.server = Server(self.method, self.init_state, cfg.federation, len(self.train_sets), cfg.seed)
         self.clients: dict[int, ClientState] = {
             cid: self.server.initial_client_state(self.init_state) for cid in range(len(self.train_sets))}
         self.streams = [BatchStream(len(d), cfg.train.batch_size, cfg.seed, cid)
                         for cid, d in enumerate(self.train_sets)]
-        self.sample_rng = np.random.default_rng([cfg.seed, 101])
         self.dropout_rng = np.random.default_rng([cfg.seed, 102])
-        self.cumulative = {f"up_{k}": 0 for k in BYTE_KEYS} | {f"down_{k}": 0 for k in BYTE_KEYS}
         self.history: list[dict] = []
 
     # ---- one round ----
-    def sample(self) -> list[int]:
-        n, k = len(self.train_sets), self.cfg.federation.clients_per_round
-        if self.method.pooled or k is None or k >= n:
-            return list(range(n))
-        return sorted(self.sample_rng.choice(n, size=k, replace=False).tolist())
-
     def run_round(self, t: int) -> dict:
         start = time.perf_counter()
-        fed = self.cfg.federation
-        cids = self.sample()
-        uploads: list[Upload] = []
-        rejected, dropped, losses = [], [], []
-        up = dict.fromkeys(BYTE_KEYS, 0)
-        down = dict.fromkeys(BYTE_KEYS, 0)
-        for cid in cids:
-            dl = self.server.download(cid, t)
-            for k, v in payload_bytes(dl.tensors).items():
-                down[k] += v
-            if fed.dropout_rate and not self.method.pooled and self.dropout_rng.random() < fed.dropout_rate:
+        cids = [0] if self.method.pooled else self.server.sample()
+        downloads = {cid: self.server.download(cid, t) for cid in cids}
+        uploads: dict[int, Upload | None] = {}
+        for cid, dl in downloads.items():  # the in-process "transport": clients run one after another
+            if self.cfg.federation.dropout_rate and self.dropout_rng.random() < self.cfg.federation.dropout_rate:
                 self.clients[cid] = apply_download(self.clients[cid], dl)  # received, then vanished
-                dropped.append(cid)
+                uploads[cid] = None
                 continue
-            upload, self.clients[cid] = client_fit(self.am, self.method, self.clients[cid], dl,
-                                                   self.train_sets[cid], self.streams[cid], self.cfg.train)
-            losses.append(upload.metrics["train_loss"])
-            for k, v in payload_bytes(upload.tensors).items():
-                up[k] += v
-            reason = self.server.validate(upload, t)
-            if reason:
-                log.warning("round %d: rejected upload of client %d: %s", t, cid, reason)
-                rejected.append({"client": cid, "reason": reason})
-            else:
-                uploads.append(upload)
-        skipped = len(uploads) < fed.min_clients
-        if skipped:
-            log.warning("round %d: %d uploads < min_clients %d, round skipped", t, len(uploads), fed.min_clients)
-        else:
-            self.server.aggregate(t, uploads)
-        for k in BYTE_KEYS:
-            self.cumulative[f"up_{k}"] += up[k]
-            self.cumulative[f"down_{k}"] += down[k]
-        n_up = max(1, len(cids) - len(dropped))
-        row = {"round": t, "clients": cids, "dropped": dropped, "rejected": rejected, "skipped": skipped,
-               "train_loss": float(np.mean(losses)) if losses else None,
-               **{f"up_{k}": v for k, v in up.items()}, **{f"down_{k}": v for k, v in down.items()},
-               "up_raw_adapter_per_client": up["raw_adapter"] / n_up,
-               "up_raw_per_client": up["raw"] / n_up,
-               **{f"cum_{k}": v for k, v in self.cumulative.items()}}
-        if t % self.cfg.eval.every == 0 or t == fed.rounds:
+            uploads[cid], self.clients[cid] = client_fit(self.am, self.method, self.clients[cid], dl,
+                                                         self.train_sets[cid], self.streams[cid], self.cfg.train)
+        row = self.server.finish_round(t, downloads, uploads)
+        if t % self.cfg.eval.every == 0 or t == self.cfg.federation.rounds:
             row |= self.evaluate()
         row["wall_s"] = time.perf_counter() - start
         return row
@@ -171,18 +131,15 @@ class Simulation:
             shared = {k: (None if v is server.global_state.get(k) else v) for k, v in st.shared.items()}
             clients[cid] = {"shared": shared, "personal": st.personal}
         return {
-            "round": len(self.history), "history": self.history, "cumulative": self.cumulative,
-            "server": {"global_state": server.global_state, "version": server.version, "synced": server.synced,
-                       "last_round": server.last_round, "extra": server.extra},
+            "round": len(self.history), "history": self.history, "server": server.state_dict(),
             "clients": clients, "streams": [s.state() for s in self.streams],
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "sample": self.sample_rng.bit_generator.state, "dropout": self.dropout_rng.bit_generator.state},
+                    "dropout": self.dropout_rng.bit_generator.state},
         }
 
     def restore(self, ck: dict) -> None:
-        server, s = self.server, ck["server"]
-        server.global_state, server.version = s["global_state"], s["version"]
-        server.synced, server.last_round, server.extra = s["synced"], s["last_round"], s["extra"]
+        server = self.server
+        server.load_state_dict(ck["server"])
         self.clients = {
             cid: ClientState({k: (server.global_state[k] if v is None else v) for k, v in c["shared"].items()},
                              c["personal"]) for cid, c in ck["clients"].items()}
@@ -190,9 +147,8 @@ class Simulation:
             stream.load(state)
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
-        self.sample_rng.bit_generator.state = ck["rng"]["sample"]
         self.dropout_rng.bit_generator.state = ck["rng"]["dropout"]
-        self.history, self.cumulative = ck["history"], ck["cumulative"]
+        self.history = ck["history"]
 
     # ---- the whole run ----
     def run(self, on_round: Callable[[dict], None] | None = None, resume: bool = False) -> dict:
@@ -231,7 +187,7 @@ class Simulation:
                 "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
                 "global_macro_f1": last.get("global_macro_f1"),
                 "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
-                **self.cumulative, "wall_s": wall}
+                **self.server.cumulative, "wall_s": wall}
 
     def write_adapter_meta(self) -> None:
         meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.am.r,
