@@ -60,6 +60,22 @@ def test_config_errors_are_one_line_exit_2(tmp_path):
     assert res.exit_code == 2 and "config file not found" in res.output
 
 
+def test_data_errors_are_one_line_exit_2(tmp_path):
+    garbage = tmp_path / "garbage.csv"
+    garbage.write_bytes(b"\x00\xff\xfe binary \x00\x00 \n\x89PNG")
+    tiny_csv = tmp_path / "tiny.csv"
+    tiny_csv.write_text("text,label\nriver lake,a\nmoney bank,b\nsong drum,a\n")
+    cases = ((["--set", "task.name=csv", "--set", f"task.path={tmp_path / 'nope.csv'}"], "task.path: file not found"),
+             (["--set", "task.name=csv", "--set", f"task.path={garbage}"], "task.path: cannot read"),
+             (["--set", "task.name=csv", "--set", f"task.path={tiny_csv}",
+               "--set", "partition.global_test_fraction=0.01"], "partition too small"))
+    cfg = write_config(tmp_path)
+    for args, words in cases:
+        res = runner.invoke(app, ["run", str(cfg), *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert words in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
 def test_export_client_adapter_loads_in_peft(tmp_path):
     cfg = write_config(tmp_path, method={"name": "fedsa"}, federation={"rounds": 1})
     out = tmp_path / "runs" / "fedsa"
