@@ -175,6 +175,37 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory"),
 
 
 @app.command()
+def compare(config: Path = typer.Argument(..., help="base YAML config"),
+            methods: str = typer.Option("fedit,ffa,rolora,fedsa,celora,local,centralized", help="comma-separated"),
+            seeds: int = typer.Option(1, help="seeds per method (0, 1, ...)"),
+            set_: list[str] = typer.Option([], "--set", help="override for every run"),
+            out: Path | None = typer.Option(None, "--out", help="output folder (default compare/<name>)")) -> None:
+    """Run the same task, partition and budget for each method and seed; write report.md and plots."""
+    from .config import load_config
+    from .report import write_report
+
+    _quiet_libraries()
+    base = _guard(load_config, config, set_)
+    out = out or Path("compare") / base.name
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    run_dirs = []
+    for m in names:
+        for seed in range(seeds):
+            cfg = _guard(load_config, config, [*set_, f"method.name={m}", f"seed={seed}", f"name={m}-s{seed}"])
+            run_dir = out / "runs" / cfg.name
+            run_dirs.append(run_dir)
+            if (run_dir / "summary.json").is_file():
+                console.print(f"{cfg.name}: finished earlier, skipped")
+                continue
+            console.print(f"[{len(run_dirs)}/{len(names) * seeds}]", end=" ")
+            _guard(run_with_progress, cfg, run_dir, (run_dir / "checkpoint.pt").is_file())
+    report = write_report(run_dirs, out, f"{base.name}: {base.task.name}, {base.partition.num_clients} clients, "
+                                          f"{base.partition.scheme}")
+    console.print(report.read_text().split("\n\n")[2])
+    console.print(f"report: {report}")
+
+
+@app.command()
 def demo(config: Path = typer.Option(Path(__file__).parent / "configs" / "demo.yaml", help="base config"),
          methods: str = typer.Option("fedit,rolora", help="comma-separated methods"),
          set_: list[str] = typer.Option([], "--set", help="override, e.g. --set federation.rounds=2")) -> None:

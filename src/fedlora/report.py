@@ -1,0 +1,115 @@
+"""Tables and plots from run directories (`metrics.jsonl` + `summary.json`)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return summary, rows
+
+
+def _mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def group_by_method(runs: list[tuple[dict, list[dict]]]) -> dict[str, list[tuple[dict, list[dict]]]]:
+    out: dict[str, list] = defaultdict(list)
+    for summary, rows in runs:
+        out[summary["method"]].append((summary, rows))
+    return dict(out)
+
+
+def markdown_table(runs: list[tuple[dict, list[dict]]]) -> str:
+    head = ("| method | head | global accuracy | personalized accuracy | uplink MB | downlink MB "
+            "| uplink / client / round: adapter B | head B | wall s |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for method, group in group_by_method(runs).items():
+        s0, rows0 = group[0]
+        n_up = [sum(len(r["clients"]) - len(r["dropped"]) for r in rows) for _, rows in group]
+        head_per = [sum(r["up_raw_head"] for r in rows) / max(1, n) for (_, rows), n in zip(group, n_up, strict=True)]
+        lines.append(
+            f"| {method} | {s0['head']} | {_mean_std([s['global_accuracy'] for s, _ in group])} "
+            f"| {_mean_std([s['personal_accuracy'] for s, _ in group])} "
+            f"| {np.mean([s['up_raw'] for s, _ in group]) / 1e6:.3f} "
+            f"| {np.mean([s['down_raw'] for s, _ in group]) / 1e6:.3f} "
+            f"| {np.mean([s['up_raw_adapter_per_client_round'] for s, _ in group]):,.0f} "
+            f"| {np.mean(head_per):,.0f} | {np.mean([s['wall_s'] for s, _ in group]):.0f} |")
+    return "\n".join(lines)
+
+
+def _curves(group, key: str):
+    """Mean over seeds of `key` at the evaluated rounds, with cumulative uplink MB at those rounds."""
+    per_round: dict[int, list] = defaultdict(list)
+    up: dict[int, list] = defaultdict(list)
+    for _, rows in group:
+        for r in rows:
+            if r.get(key) is not None:
+                per_round[r["round"]].append(r[key])
+                up[r["round"]].append(r["cum_up_raw"] / 1e6)
+    rounds = sorted(per_round)
+    return rounds, [np.mean(per_round[t]) for t in rounds], [np.mean(up[t]) for t in rounds]
+
+
+def plot_runs(runs: list[tuple[dict, list[dict]]], out_dir: Path, key: str = "personal_accuracy") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label = key.replace("_", " ")
+    groups = group_by_method(runs)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, group in groups.items():
+        rounds, acc, _ = _curves(group, key)
+        ax.plot(rounds, acc, marker="o", label=method)
+    ax.set_xlabel("round")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} vs round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy_vs_round.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, group in groups.items():
+        _, acc, up = _curves(group, key)
+        if up and max(up) > 0:  # methods that send nothing have no point on a log axis
+            ax.plot(up, acc, marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink MB (all clients, log scale)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} vs bytes sent")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy_vs_uplink.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, title: str) -> Path:
+    runs = [read_run(d) for d in run_dirs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_runs(runs, out_dir)
+    seeds = len(run_dirs) // max(1, len(group_by_method(runs)))
+    text = (f"# {title}\n\n{len(run_dirs)} runs ({seeds} seed(s) per method; mean ± std over seeds). "
+            "Uplink and downlink are raw tensor bytes over the whole run; the per-client-per-round columns split "
+            "adapter and head bytes.\n\n" + markdown_table(runs) +
+            "\n\n![accuracy vs round](accuracy_vs_round.png)\n\n![accuracy vs uplink](accuracy_vs_uplink.png)\n")
+    path = out_dir / "report.md"
+    path.write_text(text)
+    return path
