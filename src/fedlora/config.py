@@ -97,6 +97,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, gt=0)
     max_global_examples: int | None = Field(1000, gt=0)
     max_client_examples: int | None = Field(None, gt=0)
+    # methods with personal state have one model per client: global accuracy is their mean over a
+    # fixed seeded subset of this many clients (None: all), since each costs a pass over the global test
+    global_clients: int | None = Field(10, gt=0)
 
 
 class OutputConfig(_Section):

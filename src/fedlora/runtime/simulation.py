@@ -109,10 +109,13 @@ class Simulation:
             per_client = [evaluate(self.am, d, bs) for d in self.client_test]
         else:
             gs = []
+            k = self.cfg.eval.global_clients or self.num_clients
+            global_cids = set(np.random.default_rng([self.cfg.seed, 103]).permutation(self.num_clients)[:k].tolist())
             for cid in range(self.num_clients):
                 self.am.set_state(self.eval_state(cid))
                 per_client.append(evaluate(self.am, self.client_test[cid], bs))
-                gs.append(evaluate(self.am, self.global_test, bs))
+                if cid in global_cids:
+                    gs.append(evaluate(self.am, self.global_test, bs))
             g = {k: float(np.mean([x[k] for x in gs])) for k in ("accuracy", "macro_f1", "loss")}
         n = np.array([m["n"] for m in per_client], dtype=float)
         acc = np.array([m["accuracy"] for m in per_client])

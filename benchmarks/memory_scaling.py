@@ -1,0 +1,80 @@
+"""Peak RSS vs number of clients at equal compute (the same clients per round, steps and rounds).
+
+Each size runs in its own process; the worker reports its peak RSS (ru_maxrss) after a full run,
+checkpoints and final states included. Clients hold only adapter state: the base model exists once.
+
+    .venv/bin/python benchmarks/memory_scaling.py            # MiniLM, rt-sentiment: 1, 10, 100, 1000 clients
+    .venv/bin/python benchmarks/memory_scaling.py --quick    # tiny random BERT: 1, 10, 50 clients
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def worker(n: int, method: str, quick: bool, out: str) -> None:
+    from fedlora.config import build_config
+    from fedlora.runtime.simulation import Simulation
+
+    model = {"name": "tiny-bert", "max_length": 16} if quick else {"name": "minilm", "max_length": 64}
+    cfg = build_config({
+        "name": f"mem-{method}-{n}", "seed": 0, "threads": 2, "model": model,
+        "task": {"name": "synthetic" if quick else "rt-sentiment"},
+        "partition": {"num_clients": n, "scheme": "iid", "client_test_fraction": 0.2,
+                      "global_test_fraction": 0.1},
+        "adapter": {"r": 8, "alpha": 16}, "method": {"name": method},
+        "federation": {"rounds": 2, "clients_per_round": min(n, 10)},
+        "train": {"local_steps": 2, "batch_size": 8},
+        "eval": {"every": 2, "max_global_examples": 100, "max_client_examples": 5, "global_clients": 5},
+        "output": {"dir": out}})
+    start = time.perf_counter()
+    Simulation(cfg).run()
+    wall = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"clients": n, "method": method, "peak_rss_mb": peak_mb, "wall_s": wall}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", default="fedsa,celora")
+    ap.add_argument("--sizes", default=None, help="comma-separated client counts")
+    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        worker(args.worker, args.method, args.quick, args.tmp)
+        return
+    sizes = [int(x) for x in (args.sizes or ("1,10,50" if args.quick else "1,10,100,1000")).split(",")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            for n in sizes:
+                cmd = [sys.executable, __file__, "--worker", str(n), "--method", method, "--tmp", tmp]
+                res = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise SystemExit(f"{method} with {n} clients failed:\n{res.stderr[-3000:]}")
+                results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    for r in results:
+        base = next(x for x in results if x["method"] == r["method"] and x["clients"] == sizes[0])
+        r["rss_vs_smallest"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("memory_scaling_quick.json" if args.quick else "memory_scaling.json")).write_text(json.dumps(results, indent=2))
+    print(f"| method | clients | peak RSS MB | x RSS of {sizes[0]} client(s) | wall s |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['method']} | {r['clients']} | {r['peak_rss_mb']:.0f} | {r['rss_vs_smallest']:.2f} "
+              f"| {r['wall_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
