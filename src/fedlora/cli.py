@@ -76,14 +76,22 @@ def run_with_progress(cfg, run_dir: Path | None = None, resume: bool = False) ->
 
 
 def summary_table(rows: list[dict], title: str = "results") -> Table:
+    """Accuracy columns for classification; perplexity and ROUGE-L for a causal LM."""
+    lm = rows[0].get("global_accuracy") is None and "personal_perplexity" in rows[0]
+    quality = (("global_perplexity", "global ppl"), ("personal_perplexity", "personal ppl"),
+               ("personal_rouge_l", "personal ROUGE-L")) if lm else \
+        (("global_accuracy", "global acc"), ("personal_accuracy", "personal acc"))
     table = Table(title=title)
-    for col in ("method", "global acc", "personal acc", "uplink MB", "downlink MB", "uplink/client/round (adapter)",
+    for col in ("method", *(c for _, c in quality), "uplink MB", "downlink MB", "uplink/client/round (adapter)",
                 "wall s"):
         table.add_column(col, justify="right" if col != "method" else "left")
+
+    def num(x) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
     for s in rows:
-        table.add_row(s["method"], f"{s['global_accuracy']:.3f}", f"{s['personal_accuracy']:.3f}",
-                      fmt_mb(s["up_raw"]), fmt_mb(s["down_raw"]), f"{s['up_raw_adapter_per_client_round']:,.0f} B",
-                      f"{s['wall_s']:.0f}")
+        table.add_row(s["method"], *(num(s.get(k)) for k, _ in quality), fmt_mb(s["up_raw"]), fmt_mb(s["down_raw"]),
+                      f"{s['up_raw_adapter_per_client_round']:,.0f} B", f"{s['wall_s']:.0f}")
     return table
 
 

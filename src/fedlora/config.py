@@ -24,7 +24,7 @@ class ModelConfig(_Section):
     # "minilm" (packaged all-MiniLM-L6-v2), "tiny-bert" (random, for tests), a local folder or a hub name
     name: str = "minilm"
     max_length: int = Field(64, gt=0)
-    seed_head: bool = True  # initialise the task head from the run seed, identically on every client
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
 
 
 class TaskConfig(_Section):
@@ -52,7 +52,7 @@ class AdapterConfig(_Section):
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] | None = None  # None: query/value (BERT-style), q/k/v/o_proj (Llama-style)
     head_modules: list[str] | None = None  # None: detected ("classifier" / "score")
 
 
@@ -100,6 +100,9 @@ class EvalConfig(_Section):
     # methods with personal state have one model per client: global accuracy is their mean over a
     # fixed seeded subset of this many clients (None: all), since each costs a pass over the global test
     global_clients: int | None = Field(10, gt=0)
+    # causal LM: greedy answers to this many held-out prompts per client at the last round (ROUGE-L, exact match)
+    generate_examples: int = Field(4, ge=0)
+    max_new_tokens: int = Field(32, gt=0)
 
 
 class OutputConfig(_Section):

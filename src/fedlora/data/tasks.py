@@ -19,11 +19,19 @@ from ..models import package_dir
 
 @dataclass
 class Task:
+    """Classification: `texts` -> `labels`. Causal LM: `texts` are prompts, `targets` the answers, and
+    `labels` a category (what Dirichlet / natural partitions split on)."""
+
     name: str
     texts: list[str]
     labels: list[int]
     label_names: list[str]
     columns: dict[str, list] = field(default_factory=dict)  # extra columns, e.g. for `natural` partitions
+    targets: list[str] | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.targets is not None
 
     @property
     def num_labels(self) -> int:
@@ -41,10 +49,11 @@ def register(name: str, description: str):
     return deco
 
 
-def _encode(name: str, texts: list[str], raw_labels: list, columns: dict | None = None) -> Task:
+def _encode(name: str, texts: list[str], raw_labels: list, columns: dict | None = None,
+            targets: list[str] | None = None) -> Task:
     label_names = sorted({str(x) for x in raw_labels})
     index = {n: i for i, n in enumerate(label_names)}
-    return Task(name, list(texts), [index[str(x)] for x in raw_labels], label_names, columns or {})
+    return Task(name, list(texts), [index[str(x)] for x in raw_labels], label_names, columns or {}, targets)
 
 
 @register("rt-sentiment", "Rotten Tomatoes snippets, fresh vs rotten (plot rows dropped); 12,808 rows")
@@ -118,6 +127,56 @@ def synthetic(num_labels: int = 4, n: int = 600, seed: int = 0, **_) -> Task:
     return _encode("synthetic", texts, labels, {"group": [str(i % 3) for i in range(n)]})
 
 
+@register("chatterbot-qa", "chatterbot-corpus question -> answer pairs, 21 categories (causal LM)")
+def chatterbot_qa(**_) -> Task:
+    """Consecutive turns of chatterbot-corpus's English conversations as (question, answer) pairs.
+
+    The category (the YAML file's first category) is the label: clients by category via the
+    `natural` partition on `label`, or Dirichlet over categories. Exact duplicate pairs are dropped.
+    """
+    import yaml
+
+    folder = package_dir("chatterbot_corpus") / "data" / "english"
+    seen, prompts, answers, cats = set(), [], [], []
+    for f in sorted(folder.glob("*.yml")):
+        d = yaml.safe_load(f.read_text(encoding="utf-8"))
+        cat = (d.get("categories") or [f.stem])[0]
+        for conv in d.get("conversations") or []:
+            turns = [t.strip() for t in conv if isinstance(t, str) and t.strip()]
+            for q, a in zip(turns, turns[1:], strict=False):
+                if (q, a) not in seen:
+                    seen.add((q, a))
+                    prompts.append(q)
+                    answers.append(a)
+                    cats.append(cat)
+    return _encode("chatterbot-qa", prompts, cats, {"category": cats}, targets=answers)
+
+
+def load_instructions(path: str) -> Task:
+    """A user's JSONL instruction file: `instruction`, optional `input`, `output`, optional `category`."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"task.path: file not found: {path}")
+    prompts, answers, cats = [], [], []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"task.path: {path} line {i} is not JSON: {e.msg}") from None
+        if "instruction" not in row or "output" not in row:
+            raise ValueError(f"task.path: {path} line {i} needs 'instruction' and 'output' fields")
+        prompts.append(row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else ""))
+        answers.append(str(row["output"]))
+        cats.append(str(row.get("category", "all")))
+    if not prompts:
+        raise ValueError(f"task.path: {path} holds no instructions")
+    return _encode(p.stem, prompts, cats, {"category": cats}, targets=answers)
+
+
 def load_file(path: str, text_column: str, label_column: str) -> Task:
     """A user's CSV or JSONL file with a text column and a label column."""
     from pathlib import Path
@@ -145,10 +204,10 @@ def load_file(path: str, text_column: str, label_column: str) -> Task:
 
 def load_task(name: str, *, path: str | None = None, text_column: str = "text", label_column: str = "label",
               max_examples: int | None = None, max_per_class: int | None = None, seed: int = 0) -> Task:
-    if name in ("csv", "jsonl", "file"):
+    if name in ("csv", "jsonl", "file", "instructions"):
         if not path:
             raise ValueError(f"task.path is required for task.name '{name}'")
-        task = load_file(path, text_column, label_column)
+        task = load_instructions(path) if name == "instructions" else load_file(path, text_column, label_column)
     elif name in TASKS:
         kwargs = {"seed": seed}
         if max_per_class is not None:
@@ -159,5 +218,6 @@ def load_task(name: str, *, path: str | None = None, text_column: str = "text", 
     if max_examples and max_examples < len(task.texts):
         keep = np.sort(np.random.default_rng(seed).choice(len(task.texts), max_examples, replace=False))
         task = Task(task.name, [task.texts[i] for i in keep], [task.labels[i] for i in keep], task.label_names,
-                    {c: [v[i] for i in keep] for c, v in task.columns.items()})
+                    {c: [v[i] for i in keep] for c, v in task.columns.items()},
+                    None if task.targets is None else [task.targets[i] for i in keep])
     return task

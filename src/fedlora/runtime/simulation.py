@@ -21,13 +21,35 @@ from safetensors.torch import save_file
 from ..adapters import inject_adapters
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, dump_config
-from ..data import BatchStream, Examples, concat, load_task, split_task, tokenize
+from ..data import BatchStream, Examples, concat, load_task, split_task, tokenize, tokenize_causal
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
 from ..methods import get_method
-from ..models import load_classifier, load_tokenizer
-from ..train import evaluate
+from ..models import default_targets, load_causal_lm, load_classifier, load_tokenizer
+from ..train import evaluate, evaluate_lm, generate_answers, score_generations
 
 log = logging.getLogger("fedlora")
+
+
+METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "rouge_l", "exact_match")
+
+
+def evaluation_row(g: dict, per_client: list[dict]) -> dict:
+    """The evaluation columns of a metrics row: global-test metrics `g`, per-client metrics on their own test.
+
+    Classification has accuracy / macro-F1 / loss; a causal LM loss / perplexity and, when answers were
+    generated, ROUGE-L / exact match. Personal metrics are unweighted means over clients."""
+    row = {f"global_{k}": float(g[k]) for k in METRICS if k in g}
+    for k in METRICS:
+        if k in per_client[0]:
+            row[f"personal_{k}"] = float(np.mean([m[k] for m in per_client]))
+    if "accuracy" in per_client[0]:
+        n = np.array([m["n"] for m in per_client], dtype=float)
+        acc = np.array([m["accuracy"] for m in per_client])
+        row |= {"personal_accuracy_weighted": float((acc * n).sum() / n.sum()),
+                "personal_accuracy_std": float(acc.std()), "client_accuracy": [round(float(a), 4) for a in acc]}
+    else:
+        row["client_perplexity"] = [round(float(m["perplexity"]), 3) for m in per_client]
+    return row
 
 
 class Simulation:
@@ -46,17 +68,25 @@ class Simulation:
                               max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed)
         self.split = split_task(self.task, cfg.partition, cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model.name)
-        everything = tokenize(self.tokenizer, self.task.texts, self.task.labels, cfg.model.max_length)
+        if self.task.causal:
+            everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
+        else:
+            everything = tokenize(self.tokenizer, self.task.texts, self.task.labels, cfg.model.max_length)
         self.global_test = everything.subset(self.split.global_test).head(cfg.eval.max_global_examples)
         self.client_train = [everything.subset(tr) for tr, _ in self.split.clients]
         self.client_test = [everything.subset(te).head(cfg.eval.max_client_examples) for _, te in self.split.clients]
         self.num_clients = cfg.partition.num_clients
 
         # one base model, adapters injected once
-        model = load_classifier(cfg.model.name, self.task.num_labels, cfg.seed)
+        if self.task.causal:
+            model = load_causal_lm(cfg.model.name, cfg.seed)
+        else:
+            model = load_classifier(cfg.model.name, self.task.num_labels, cfg.seed)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         a = cfg.adapter
-        self.am = inject_adapters(model, a.target_modules, a.r, a.alpha, a.dropout, tri=self.method.tri,
-                                  head_modules=a.head_modules)
+        self.am = inject_adapters(model, a.target_modules or default_targets(model), a.r, a.alpha, a.dropout,
+                                  tri=self.method.tri, head_modules=a.head_modules)
         self.method.setup(self)
         self.init_state = self.am.get_state()
 
@@ -85,7 +115,7 @@ class Simulation:
                                                          self.train_sets[cid], self.streams[cid], self.cfg.train)
         row = self.server.finish_round(t, downloads, uploads)
         if t % self.cfg.eval.every == 0 or t == self.cfg.federation.rounds:
-            row |= self.evaluate()
+            row |= self.evaluate(generate=t == self.cfg.federation.rounds)
         row["wall_s"] = time.perf_counter() - start
         return row
 
@@ -100,30 +130,47 @@ class Simulation:
     def single_model(self) -> bool:
         return self.method.pooled or all(not s.personal for s in self.clients.values())
 
-    def evaluate(self) -> dict:
+    def measure(self, data: Examples, generate: bool, samples: list | None = None) -> dict:
+        """The task's metrics of the model as it is now on `data` (and generated answers, for a causal LM)."""
         bs = self.cfg.eval.batch_size
-        per_client = []
+        if not self.task.causal:
+            return evaluate(self.am, data, bs)
+        m = evaluate_lm(self.am, data, bs)
+        if generate:
+            gen = generate_answers(self.am, self.tokenizer, data.head(self.cfg.eval.generate_examples),
+                                   self.cfg.eval.max_new_tokens)
+            m |= score_generations(gen)
+            if samples is not None:
+                samples.extend(gen)
+        return m
+
+    def evaluate(self, generate: bool = False) -> dict:
+        """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
+        generate = generate and self.task.causal and self.cfg.eval.generate_examples > 0
+        samples: dict[str, list] = {}
         if self.single_model():
             self.am.set_state(self.eval_state(0))
-            g = evaluate(self.am, self.global_test, bs)
-            per_client = [evaluate(self.am, d, bs) for d in self.client_test]
+            g = self.measure(self.global_test, generate, samples.setdefault("global", []))
+            per_client = [self.measure(d, generate, samples.setdefault(f"client_{c}", []))
+                          for c, d in enumerate(self.client_test)]
         else:
-            gs = []
+            per_client, gs = [], []
             k = self.cfg.eval.global_clients or self.num_clients
             global_cids = set(np.random.default_rng([self.cfg.seed, 103]).permutation(self.num_clients)[:k].tolist())
             for cid in range(self.num_clients):
                 self.am.set_state(self.eval_state(cid))
-                per_client.append(evaluate(self.am, self.client_test[cid], bs))
+                own = samples.setdefault(f"client_{cid}", [])
+                per_client.append(self.measure(self.client_test[cid], generate, own))
                 if cid in global_cids:
-                    gs.append(evaluate(self.am, self.global_test, bs))
-            g = {k: float(np.mean([x[k] for x in gs])) for k in ("accuracy", "macro_f1", "loss")}
-        n = np.array([m["n"] for m in per_client], dtype=float)
-        acc = np.array([m["accuracy"] for m in per_client])
-        return {"global_accuracy": g["accuracy"], "global_macro_f1": g["macro_f1"], "global_loss": g["loss"],
-                "personal_accuracy": float(acc.mean()), "personal_accuracy_weighted": float((acc * n).sum() / n.sum()),
-                "personal_accuracy_std": float(acc.std()),
-                "personal_macro_f1": float(np.mean([m["macro_f1"] for m in per_client])),
-                "client_accuracy": [round(float(a), 4) for a in acc]}
+                    gs.append(self.measure(self.global_test, generate, samples.setdefault(f"global_by_{cid}", [])))
+            g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in METRICS}
+        if generate:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / f"samples_round_{self.server.last_round}.jsonl", "w") as f:
+                for who, rows in samples.items():
+                    for r in rows[:3]:  # a few per model is enough to read
+                        f.write(json.dumps({"model": who, **r}) + "\n")
+        return evaluation_row(g, per_client)
 
     # ---- checkpoints: everything a bit-identical resume needs ----
     def snapshot(self) -> dict:
@@ -181,14 +228,15 @@ class Simulation:
         return summary
 
     def summary(self, wall: float) -> dict:
-        last = next((r for r in reversed(self.history) if "global_accuracy" in r), {})
+        last = next((r for r in reversed(self.history) if "global_loss" in r), {})
         rounds = len(self.history)
         per_client_round = [r["up_raw_adapter_per_client"] for r in self.history]
+        final = {f"{w}_{k}": last.get(f"{w}_{k}") for w in ("global", "personal") for k in METRICS
+                 if f"{w}_{k}" in last}
         return {"name": self.cfg.name, "method": self.method.name, "head": self.method.head,
                 "task": self.task.name, "num_clients": self.num_clients, "rounds": rounds,
                 "global_accuracy": last.get("global_accuracy"), "personal_accuracy": last.get("personal_accuracy"),
-                "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
-                "global_macro_f1": last.get("global_macro_f1"),
+                **final, "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
                 "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
                 **self.server.cumulative, "wall_s": wall}
 
