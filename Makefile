@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedlora-installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo demo-llm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: lint
 
 demo: $(STAMP)
 	$(VENV)/bin/fedlora demo
+
+# SmolLM2-135M on chatterbot QA, 6 category clients: FedIT vs CE-LoRA (first run converts the GGUF once)
+demo-llm: $(STAMP)
+	$(VENV)/bin/fedlora demo --config src/fedlora/configs/demo_llm.yaml --methods fedit,celora
 
 clean:
 	rm -rf $(VENV) runs compare

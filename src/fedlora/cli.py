@@ -217,16 +217,29 @@ def compare(config: Path = typer.Argument(..., help="base YAML config"),
 def demo(config: Path = typer.Option(Path(__file__).parent / "configs" / "demo.yaml", help="base config"),
          methods: str = typer.Option("fedit,rolora", help="comma-separated methods"),
          set_: list[str] = typer.Option([], "--set", help="override, e.g. --set federation.rounds=2")) -> None:
-    """MiniLM on rt-sentiment, 10 non-IID clients: FedIT vs RoLoRA, then a table."""
+    """Default: MiniLM on rt-sentiment, 10 non-IID clients, FedIT vs RoLoRA; then a table."""
     from .config import load_config
 
     _quiet_libraries()
-    rows = []
+    rows, cfg = [], None
     for m in methods.split(","):
-        cfg = _guard(load_config, config, [*set_, f"method.name={m}", f"name=demo-{m}"])
+        cfg = _guard(load_config, config, [*set_, f"method.name={m}", f"name={_config_name(config)}-{m}"])
         rows.append(_guard(run_with_progress, cfg))
-    console.print(summary_table(rows, title="demo: rt-sentiment, MiniLM, 10 clients, Dirichlet 0.5"))
-    console.print("majority-class accuracy on rt-sentiment: 0.578 (fresh)")
+    console.print(summary_table(rows, title=f"{cfg.name.rsplit('-', 1)[0]}: {cfg.task.name}, {cfg.model.name}, "
+                                            f"{cfg.partition.num_clients} clients, {cfg.partition.scheme}"))
+    if cfg.task.name == "rt-sentiment":
+        console.print("majority-class accuracy on rt-sentiment: 0.578 (fresh)")
+    samples = Path(rows[-1]["run_dir"]).glob("samples_round_*.jsonl")
+    for path in sorted(samples)[-1:]:
+        first = json.loads(path.read_text().splitlines()[0])
+        console.print(f"sample answer ({rows[-1]['method']}): Q: {first['prompt'].splitlines()[-2]!r}\n"
+                      f"  A: {first['answer']!r}\n  reference: {first['reference']!r}", soft_wrap=True)
+
+
+def _config_name(config: Path) -> str:
+    import yaml
+
+    return (yaml.safe_load(Path(config).read_text()) or {}).get("name", "demo")
 
 
 def main() -> None:

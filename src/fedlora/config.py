@@ -35,6 +35,7 @@ class TaskConfig(_Section):
     label_column: str = "label"
     max_examples: int | None = Field(None, gt=0)  # subsample the whole task (seeded), for quick runs
     max_per_class: int | None = Field(None, gt=0)  # cap examples per label (healthtweets: 500 per outlet)
+    keep_labels: list[str] | None = None  # keep only these labels / categories (e.g. 6 chatterbot categories)
 
 
 class PartitionConfig(_Section):

@@ -203,7 +203,8 @@ def load_file(path: str, text_column: str, label_column: str) -> Task:
 
 
 def load_task(name: str, *, path: str | None = None, text_column: str = "text", label_column: str = "label",
-              max_examples: int | None = None, max_per_class: int | None = None, seed: int = 0) -> Task:
+              max_examples: int | None = None, max_per_class: int | None = None, seed: int = 0,
+              keep_labels: list[str] | None = None) -> Task:
     if name in ("csv", "jsonl", "file", "instructions"):
         if not path:
             raise ValueError(f"task.path is required for task.name '{name}'")
@@ -215,6 +216,15 @@ def load_task(name: str, *, path: str | None = None, text_column: str = "text", 
         task = TASKS[name](**kwargs)
     else:
         raise ValueError(f"task.name: unknown task '{name}' (known: {', '.join(sorted(TASKS))}, csv, jsonl)")
+    if keep_labels:
+        unknown = sorted(set(keep_labels) - set(task.label_names))
+        if unknown:
+            raise ValueError(f"task.keep_labels: {unknown} not in task '{task.name}' (labels: {task.label_names})")
+        names = [task.label_names[y] for y in task.labels]
+        keep = [i for i, n in enumerate(names) if n in keep_labels]
+        task = _encode(task.name, [task.texts[i] for i in keep], [names[i] for i in keep],
+                       {c: [v[i] for i in keep] for c, v in task.columns.items()},
+                       None if task.targets is None else [task.targets[i] for i in keep])
     if max_examples and max_examples < len(task.texts):
         keep = np.sort(np.random.default_rng(seed).choice(len(task.texts), max_examples, replace=False))
         task = Task(task.name, [task.texts[i] for i in keep], [task.labels[i] for i in keep], task.label_names,

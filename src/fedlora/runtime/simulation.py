@@ -65,7 +65,8 @@ class Simulation:
         # data: tokenized once; clients hold index subsets
         t = cfg.task
         self.task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
-                              max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed)
+                              max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed,
+                              keep_labels=t.keep_labels)
         self.split = split_task(self.task, cfg.partition, cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model.name)
         if self.task.causal:
