@@ -69,7 +69,8 @@ def main() -> None:
         r["rss_vs_smallest"] = r["peak_rss_mb"] / base["peak_rss_mb"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("memory_scaling_quick.json" if args.quick else "memory_scaling.json")).write_text(json.dumps(results, indent=2))
+    name = "memory_scaling_quick.json" if args.quick else "memory_scaling.json"
+    (out / name).write_text(json.dumps(results, indent=2))
     print(f"| method | clients | peak RSS MB | x RSS of {sizes[0]} client(s) | wall s |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['method']} | {r['clients']} | {r['peak_rss_mb']:.0f} | {r['rss_vs_smallest']:.2f} "

@@ -13,9 +13,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .runtime.flower_cli import flower_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with LoRA-family adapters.")
 console = Console()
 STATE = {"debug": False}
+app.add_typer(flower_app, name="flower")
 
 
 def fail(msg: str) -> None:

@@ -67,6 +67,7 @@ class CELoRAConfig(_Section):
     learned_lambda: float = Field(1.0, ge=0)
     learned_lr: float = Field(0.1, gt=0)
     descriptor_sigma: float = Field(0.0, ge=0)  # Gaussian noise on the data descriptor
+    param_center: bool = False  # subtract the round's mean ΔC before the cosine (removes the drift all share)
 
 
 class MethodConfig(_Section):

@@ -129,11 +129,13 @@ class Server:
                 down[k] += v
         accepted, rejected, losses = [], [], []
         dropped = [cid for cid in downloads if uploads.get(cid) is None]
+        extra = 0
         for cid, upload in uploads.items():
             if upload is None:
                 continue
             for k, v in payload_bytes(upload.tensors).items():
                 up[k] += v
+            extra += self.method.extra_upload_bytes(cid, t)
             if "train_loss" in upload.metrics:
                 losses.append(upload.metrics["train_loss"])
             reason = self.validate(upload, t)
@@ -148,12 +150,15 @@ class Server:
                         self.fed.min_clients)
         else:
             self.aggregate(t, accepted)
+        up["raw"] += extra  # counted in the totals, apart from the adapter and head columns
+        up["serialized"] += extra
         for k in BYTE_KEYS:
             self.cumulative[f"up_{k}"] += up[k]
             self.cumulative[f"down_{k}"] += down[k]
         n_up = max(1, len(downloads) - len(dropped))
         return {"round": t, "clients": sorted(downloads), "dropped": dropped, "rejected": rejected,
                 "skipped": skipped, "train_loss": float(np.mean(losses)) if losses else None,
+                "up_raw_other": extra,
                 **{f"up_{k}": v for k, v in up.items()}, **{f"down_{k}": v for k, v in down.items()},
                 "up_raw_adapter_per_client": up["raw_adapter"] / n_up, "up_raw_per_client": up["raw"] / n_up,
                 **{f"cum_{k}": v for k, v in self.cumulative.items()}}

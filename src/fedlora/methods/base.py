@@ -70,6 +70,10 @@ class Method:
     def setup(self, sim: Simulation) -> None:
         """Called once before round 1 with the adapted model built (e.g. to initialise factors)."""
 
+    def extra_upload_bytes(self, cid: int, t: int) -> int:
+        """Bytes a client sends besides its tensors this round (CE-LoRA: its data descriptor in round 1)."""
+        return 0
+
     def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:
         """What client `cid` receives at the start of round t. Must not change any state.
 

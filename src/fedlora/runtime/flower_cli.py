@@ -1,0 +1,371 @@
+"""`fedlora flower ...`: start a SuperLink, SuperNodes and runs of fedlora on Flower's Deployment Engine.
+
+    fedlora flower certificates DIR --host HOST      a throw-away CA and server certificate (experiments)
+    fedlora flower superlink --certificates DIR      flower-superlink, TLS, no runtime dependency install
+    fedlora flower supernode --partition-id I --num-partitions N --superlink HOST:PORT --root-certificates CA
+    fedlora flower run CONFIG.yaml --superlink HOST:PORT --root-certificates CA
+    fedlora flower app CONFIG.yaml --out DIR         the Flower app folder, for a plain `flwr run DIR`
+
+The commands wrap Flower's own (`flower-superlink`, `flower-supernode`, `flwr run`) with the settings
+fedlora needs: runtime dependency installation off (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 and
+`--disable-runtime-dependency-installation`, so Flower never replaces the installed fedlora), fast poll
+intervals, and by default a long-lived ClientApp worker inside the SuperNode process (`--isolation
+inprocess`, see `fedlora.runtime.flower.serve_client_tasks`) instead of a fresh `flwr-clientapp`
+process per message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import typer
+
+flower_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="Run on Flower's Deployment Engine (SuperLink + SuperNodes, several machines).")
+
+# environment of every Flower process we start (a value the user set wins)
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # never `uv sync` the app over the installed fedlora
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # the SuperLink's SuperExec: start the ServerApp quickly (1 s)
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+SUPERLINK_NAME = "fedlora"  # the connection name in the generated Flower config
+
+
+def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    for k, v in FLOWER_ENV.items():
+        env.setdefault(k, v)
+    # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name: ours first
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env | (extra or {})
+
+
+def _exe(name: str) -> str:
+    """A Flower executable: next to this Python (the virtualenv's bin), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise typer.BadParameter(f"'{name}' not found: is flwr installed in this environment?")
+    return found
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _is_local(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- certificates
+
+
+def make_certificates(out: Path, hosts: list[str], days: int = 30) -> dict[str, Path]:
+    """A throw-away CA (`ca.crt`) and a server certificate for `hosts` signed by it (`server.pem`, `server.key`)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora throw-away CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(pem))
+    paths["cert"].write_bytes(cert.public_bytes(pem))
+    paths["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    paths["key"].chmod(0o600)
+    return paths
+
+
+@flower_app.command()
+def certificates(out: Path = typer.Argument(..., help="folder for ca.crt, server.pem, server.key"),
+                 host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host",
+                                                help="the SuperLink's address as the SuperNodes see it (repeatable)"),
+                 days: int = typer.Option(30, help="validity")) -> None:
+    """A throw-away CA and a SuperLink certificate, for experiments (use your organisation's CA in production)."""
+    paths = make_certificates(out, host, days)
+    typer.echo(f"wrote {paths['ca']} (give it to every SuperNode and to `fedlora flower run`), "
+               f"{paths['cert']} and {paths['key']} (the SuperLink's)")
+
+
+# ---------------------------------------------------------------- SuperLink
+
+
+def superlink_command(host: str, port: int, certificates: Path | None, insecure: bool,
+                      database: str | None = None) -> list[str]:
+    cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        if certificates is None:
+            _fail("TLS needs certificates: --certificates DIR (ca.crt, server.pem, server.key; "
+                  "`fedlora flower certificates DIR` makes throw-away ones), or --insecure for a local experiment")
+        for f in ("ca.crt", "server.pem", "server.key"):
+            if not (certificates / f).is_file():
+                _fail(f"--certificates {certificates}: missing {f}")
+        cmd += ["--ssl-ca-certfile", str(certificates / "ca.crt"), "--ssl-certfile", str(certificates / "server.pem"),
+                "--ssl-keyfile", str(certificates / "server.key")]
+    if database:
+        cmd += ["--database", database]
+    return cmd
+
+
+@flower_app.command()
+def superlink(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for other machines)"),
+              port: int = typer.Option(8000, help="the Fleet, Control and Runtime APIs (HTTP, one port)"),
+              certificates: Path | None = typer.Option(None, "--certificates",
+                                                       help="folder with ca.crt, server.pem, server.key"),
+              insecure: bool = typer.Option(False, "--insecure", help="no TLS: local experiments only"),
+              database: str | None = typer.Option(None, help="SuperLink state database (default: in memory)")) -> None:
+    """Start the SuperLink (runs the ServerApp of each run, routes messages to the SuperNodes)."""
+    cmd = superlink_command(host, port, certificates, insecure, database)
+    os.execve(cmd[0], cmd, flower_env())
+
+
+# ---------------------------------------------------------------- SuperNode
+
+
+class _CappedSleep:
+    """`time` for Flower's SuperNode loop with its sleeps capped: it waits 3 s after every empty poll of the
+    SuperLink and 0.5 s between checks for a reply, neither configurable in Flower 1.42."""
+
+    def __init__(self, cap: float):
+        self.cap = cap
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+
+def supernode_args(superlink: str, partition_id: int, num_partitions: int, state_dir: Path,
+                   root_certificates: Path | None, insecure: bool, runtime_port: int,
+                   threads: int | None = None) -> list[str]:
+    node_config = f"partition-id={partition_id} num-partitions={num_partitions} " \
+                  f"state-dir={json.dumps(str(state_dir.expanduser().resolve()))}"
+    if threads:
+        node_config += f" threads={threads}"
+    args = ["--superlink", superlink, "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if insecure:
+        args.append("--insecure")
+    elif root_certificates is not None:
+        args += ["--root-certificates", str(root_certificates)]
+    return args
+
+
+@flower_app.command()
+def supernode(partition_id: int = typer.Option(..., "--partition-id", help="this client's partition, 0..N-1"),
+              num_partitions: int = typer.Option(..., "--num-partitions", help="partition.num_clients of the runs"),
+              superlink: str = typer.Option("127.0.0.1:8000", help="the SuperLink's HOST:PORT"),
+              root_certificates: Path | None = typer.Option(None, "--root-certificates",
+                                                            help="the CA that signed the SuperLink's certificate"),
+              insecure: bool = typer.Option(False, "--insecure", help="no TLS: local experiments only"),
+              state_dir: Path = typer.Option(Path("~/.fedlora/clients"), "--state-dir",
+                                             help="where this client's personal state is kept between rounds"),
+              isolation: str = typer.Option("inprocess", help="inprocess: one long-lived process runs every "
+                                            "message; subprocess: Flower's default, a new process per message"),
+              poll_interval: float = typer.Option(0.1, help="s between polls of the SuperLink (inprocess)"),
+              threads: int | None = typer.Option(None, help="torch threads for local training"),
+              runtime_port: int | None = typer.Option(None, help="local port of the SuperNode's Runtime API "
+                                                      "(default: a free one)")) -> None:
+    """Start a SuperNode for one client (partition); it serves every run of the SuperLink."""
+    if isolation not in ("inprocess", "subprocess"):
+        _fail("--isolation must be inprocess or subprocess")
+    if not insecure and root_certificates is None:
+        typer.echo("note: no --root-certificates: the SuperLink's certificate is checked against the system CAs",
+                   err=True)
+    args = supernode_args(superlink, partition_id, num_partitions, state_dir, root_certificates, insecure,
+                          runtime_port or free_port(), threads)
+    env = flower_env()
+    if isolation == "subprocess":
+        exe = _exe("flower-supernode")
+        os.execve(exe, [exe, *args, "--isolation", "subprocess"], env)
+    os.environ.update({k: v for k, v in env.items() if k in FLOWER_ENV})
+    run_inprocess_supernode(args, poll_interval)
+
+
+def run_inprocess_supernode(args: list[str], poll_interval: float) -> None:
+    """flower-supernode with `--isolation process`, plus the ClientApp worker as a thread of this process."""
+    import flwr.supernode.start_client_internal as loop
+
+    from . import flower  # torch, transformers, the apps: imported once, before the first message
+
+    if hasattr(loop, "time"):
+        loop.time = _CappedSleep(poll_interval)
+    flower.fast_object_pulls()
+    port = args[args.index("--port") + 1]
+    stop = threading.Event()
+    threading.Thread(target=flower.serve_client_tasks, args=(f"127.0.0.1:{port}", stop), daemon=True,
+                     name="fedlora-clientapp").start()
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *args, "--isolation", "process"]
+    try:
+        flower_supernode()
+    finally:
+        stop.set()
+
+
+# ---------------------------------------------------------------- runs
+
+
+def app_pyproject(cfg_text: str, run_config: dict) -> dict:
+    """The Flower app's pyproject.toml: fedlora's ServerApp / ClientApp and this run's config."""
+    return {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedlora-run", "version": "1.0.0", "license": "Apache-2.0",
+                    "description": "a fedlora run (fedlora must be installed on the SuperLink and every SuperNode)",
+                    "dependencies": []},
+        "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
+                 "flwr": {"app": {"publisher": "fedlora",
+                                  "components": {"serverapp": "fedlora.runtime.flower:server_app",
+                                                 "clientapp": "fedlora.runtime.flower:client_app"},
+                                  "config": {"config": cfg_text, **run_config}}}},
+    }
+
+
+def write_app(app_dir: Path, cfg, run_config: dict) -> Path:
+    import tomli_w
+
+    from ..config import dump_config
+
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(dump_config(cfg), run_config)))
+    return app_dir
+
+
+def write_flower_home(home: Path, superlink: str, root_certificates: Path | None, insecure: bool) -> Path:
+    import tomli_w
+
+    conn: dict = {"address": superlink}
+    if insecure:
+        conn["insecure"] = True
+    elif root_certificates is not None:
+        conn["root-certificates"] = str(root_certificates.expanduser().resolve())
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": SUPERLINK_NAME, SUPERLINK_NAME: conn}}))
+    return home
+
+
+def _run_config(cfg, out: str | None, superlink: str, node_wait: float, round_timeout: float,
+                collect_client_states: bool, wire: str = "packed") -> dict:
+    run_dir = out or str(Path(cfg.output.dir) / cfg.name)
+    if _is_local(superlink):  # same machine: the run directory is where the user is
+        run_dir = str(Path(run_dir).expanduser().resolve())
+    return {"run-dir": run_dir, "node-wait": float(node_wait), "round-timeout": float(round_timeout),
+            "collect-client-states": bool(collect_client_states), "wire": wire}
+
+
+def _load(config: Path, set_: list[str]):
+    from ..config import ConfigError, load_config
+
+    try:
+        return load_config(config, set_)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@flower_app.command()
+def run(config: Path = typer.Argument(..., help="YAML config"),
+        set_: list[str] = typer.Option([], "--set", help="override, e.g. --set method.name=rolora"),
+        superlink: str = typer.Option("127.0.0.1:8000", help="the SuperLink's HOST:PORT"),
+        root_certificates: Path | None = typer.Option(None, "--root-certificates", help="CA of the SuperLink"),
+        insecure: bool = typer.Option(False, "--insecure", help="no TLS: local experiments only"),
+        out: str | None = typer.Option(None, "--out", help="run directory, on the SuperLink's machine "
+                                       "(default output.dir/name; relative to where the SuperLink runs)"),
+        node_wait: float = typer.Option(120.0, help="s to wait for the SuperNodes of all partitions"),
+        round_timeout: float = typer.Option(3600.0, help="s to wait for the replies of one exchange"),
+        collect_client_states: bool = typer.Option(True, help="copy each client's final adapter into the run "
+                                                   "directory (off: personal adapters never leave the clients)"),
+        wire: str = typer.Option("packed", help="tensors on the wire: packed (one safetensors blob per message) "
+                                 "or arrays (one Flower Array per tensor; bfloat16 cast to float32)"),
+        app_dir: Path | None = typer.Option(None, help="keep the generated Flower app here")) -> None:
+    """Start a run on the SuperLink and stream its log until it ends."""
+    cfg = _load(config, set_)
+    if wire not in ("packed", "arrays"):
+        _fail("--wire must be packed or arrays")
+    rc = _run_config(cfg, out, superlink, node_wait, round_timeout, collect_client_states, wire)
+    with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp:
+        app = write_app(app_dir or Path(tmp) / "app", cfg, rc)
+        home = write_flower_home(Path(tmp) / "flwr-home", superlink, root_certificates, insecure)
+        code = subprocess.call([_exe("flwr"), "run", str(app), SUPERLINK_NAME, "--stream"],
+                               env=flower_env({"FLWR_HOME": str(home)}))
+    summary = Path(rc["run-dir"]) / "summary.json"
+    if code == 0 and _is_local(superlink) and not summary.is_file():
+        _fail(f"the run ended without writing {summary}: see the log above")
+    if code == 0:
+        typer.echo(f"run directory: {rc['run-dir']}" + ("" if _is_local(superlink) else " (on the SuperLink)"))
+    raise typer.Exit(code)
+
+
+@flower_app.command()
+def app(config: Path = typer.Argument(..., help="YAML config"),
+        out: Path = typer.Option(..., "--out", help="folder for the Flower app (pyproject.toml)"),
+        set_: list[str] = typer.Option([], "--set", help="override, e.g. --set method.name=rolora"),
+        run_dir: str | None = typer.Option(None, help="run directory on the SuperLink's machine")) -> None:
+    """Write the Flower app of a config, for `flwr run DIR SUPERLINK` with your own Flower config."""
+    cfg = _load(config, set_)
+    write_app(out, cfg, _run_config(cfg, run_dir, "remote:0", 120.0, 3600.0, True))
+    typer.echo(f"wrote {out / 'pyproject.toml'}; run it with: flwr run {out} <superlink> --stream "
+               "(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 on the SuperLink)")
