@@ -89,3 +89,28 @@ def test_gguf_cache_gives_the_same_logits_as_the_gguf(tmp_path, monkeypatch):
                                                       dtype=torch.float32).eval()
         theirs = direct(input_ids=x).logits
     assert torch.equal(ours, theirs)
+
+
+def test_causal_lm_peft_export_matches_logits(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+    from fedlora.models import load_causal_lm
+
+    sim = make_sim(tmp_path, method={"name": "celora"}, federation={"rounds": 1},
+                   **{**LLM, "eval": {**LLM["eval"], "baseline": True, "generate_examples": 0}})
+    summary = sim.run()
+    assert summary["baseline"]["personal_loss"] > 0 and len(summary["baseline"]["client_perplexity"]) == 3
+    res = CliRunner().invoke(app, ["export", str(sim.run_dir), "--client", "1", "--out", str(tmp_path / "peft")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    x = sim.client_test[1].input_ids[:2]
+    sim.am.set_state(load_file(str(sim.run_dir / "states" / "client_1.safetensors")))
+    with torch.inference_mode():
+        ours = sim.am.model(input_ids=x).logits
+        peft_model = PeftModel.from_pretrained(load_causal_lm("tiny-llama", 0), tmp_path / "peft").eval()
+        theirs = peft_model(input_ids=x).logits
+        base = load_causal_lm("tiny-llama", 0)(input_ids=x).logits
+    assert (ours - theirs).abs().max() < 1e-5 and (ours - base).abs().max() > 1e-4

@@ -181,7 +181,7 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory"),
         fail(f"no state file {path} ({hint})")
     base = meta["model"] if meta["model"] == "tiny-bert" else _guard(resolve_model_path, meta["model"])
     export_peft(load_file(str(path)), out, r=meta["r"], alpha=meta["alpha"], targets=meta["targets"],
-                head_modules=meta["head_modules"], base_model=base)
+                head_modules=meta["head_modules"], base_model=base, task_type=meta.get("task_type", "SEQ_CLS"))
     console.print(f"wrote PEFT adapter to {out}")
 
 
@@ -232,6 +232,12 @@ def demo(config: Path = typer.Option(Path(__file__).parent / "configs" / "demo.y
                                             f"{cfg.partition.num_clients} clients, {cfg.partition.scheme}"))
     if cfg.task.name == "rt-sentiment":
         console.print("majority-class accuracy on rt-sentiment: 0.578 (fresh)")
+    for s in rows:
+        if "client_perplexity" in s.get("baseline", {}):
+            before, after = s["baseline"]["client_perplexity"], s["client_perplexity"]
+            better = sum(a < b for a, b in zip(after, before, strict=True))
+            console.print(f"{s['method']}: personalized perplexity {s['baseline']['personal_perplexity']:.2f} "
+                          f"(base model) -> {s['personal_perplexity']:.2f}; lower on {better}/{len(before)} clients")
     samples = Path(rows[-1]["run_dir"]).glob("samples_round_*.jsonl")
     for path in sorted(samples)[-1:]:
         first = json.loads(path.read_text().splitlines()[0])

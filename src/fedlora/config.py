@@ -104,6 +104,7 @@ class EvalConfig(_Section):
     global_clients: int | None = Field(10, gt=0)
     # causal LM: greedy answers to this many held-out prompts per client at the last round (ROUGE-L, exact match)
     generate_examples: int = Field(4, ge=0)
+    baseline: bool = False  # also evaluate the untrained model (ΔW = 0) before round 1 -> baseline.json
     max_new_tokens: int = Field(32, gt=0)
 
 

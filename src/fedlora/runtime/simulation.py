@@ -211,6 +211,9 @@ class Simulation:
         if ck is not None:
             self.restore(ck)
             log.info("resuming %s after round %d", self.run_dir, ck["round"])
+        baseline_path = self.run_dir / "baseline.json"
+        if self.cfg.eval.baseline and not baseline_path.is_file():  # the base model (ΔW = 0) before round 1
+            baseline_path.write_text(json.dumps(self.evaluate()))
         with open(self.run_dir / "metrics.jsonl", "w") as f:
             for row in self.history:  # rows of rounds after the checkpoint (if any) are dropped
                 f.write(json.dumps(row) + "\n")
@@ -223,6 +226,8 @@ class Simulation:
                 if on_round:
                     on_round(row)
         summary = self.summary(sum(r["wall_s"] for r in self.history))
+        if baseline_path.is_file():
+            summary["baseline"] = json.loads(baseline_path.read_text())
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.cfg.output.save_client_states:
             self.save_states()
@@ -234,6 +239,7 @@ class Simulation:
         per_client_round = [r["up_raw_adapter_per_client"] for r in self.history]
         final = {f"{w}_{k}": last.get(f"{w}_{k}") for w in ("global", "personal") for k in METRICS
                  if f"{w}_{k}" in last}
+        final |= {k: last[k] for k in ("client_accuracy", "client_perplexity") if k in last}
         return {"name": self.cfg.name, "method": self.method.name, "head": self.method.head,
                 "task": self.task.name, "num_clients": self.num_clients, "rounds": rounds,
                 "global_accuracy": last.get("global_accuracy"), "personal_accuracy": last.get("personal_accuracy"),
@@ -245,7 +251,8 @@ class Simulation:
         meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.am.r,
                 "alpha": self.am.alpha, "tri": self.am.tri, "model": self.cfg.model.name,
                 "num_labels": self.task.num_labels, "label_names": self.task.label_names,
-                "num_clients": self.num_clients, "method": self.method.name}
+                "num_clients": self.num_clients, "method": self.method.name,
+                "task_type": "CAUSAL_LM" if self.task.causal else "SEQ_CLS"}
         (self.run_dir / "adapter_meta.json").write_text(json.dumps(meta, indent=2))
 
     def save_states(self) -> None:
