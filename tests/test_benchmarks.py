@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script,args,out", [
     ("overhead.py", ["--methods", "fedit,rolora", "--repeats", "1"], "overhead_quick.json"),
     ("memory_scaling.py", ["--methods", "fedsa", "--sizes", "1,20"], "memory_scaling_quick.json"),
+    ("linear_regression.py", [], "linear_regression_quick.json"),
 ])
 def test_benchmark_quick(tmp_path, script, args, out):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path),

@@ -83,10 +83,9 @@ def summary_table(rows: list[dict], title: str = "results") -> Table:
     lm = rows[0].get("global_accuracy") is None and "personal_perplexity" in rows[0]
     quality = (("global_perplexity", "global ppl"), ("personal_perplexity", "personal ppl"),
                ("personal_rouge_l", "personal ROUGE-L")) if lm else \
-        (("global_accuracy", "global acc"), ("personal_accuracy", "personal acc"))
+        (("global_accuracy", "global acc"), ("personal_accuracy", "pers. acc"))
     table = Table(title=title)
-    for col in ("method", *(c for _, c in quality), "uplink MB", "downlink MB", "uplink/client/round (adapter)",
-                "wall s"):
+    for col in ("method", *(c for _, c in quality), "up MB", "down MB", "adapter up B/client/round", "wall s"):
         table.add_column(col, justify="right" if col != "method" else "left")
 
     def num(x) -> str:

@@ -1,0 +1,1 @@
+"""Privacy: the server's gradient-inversion attack on each method's upload, and client-level DP."""
