@@ -113,6 +113,14 @@ class OutputConfig(_Section):
     save_client_states: bool = True
 
 
+# ---- privacy (issue 7): client-level DP, see fedlora/privacy/dp.py ----
+class PrivacyConfig(_Section):
+    dp: Literal["none", "local", "central"] = "none"  # local: noise on each upload; central: on the aggregate
+    clip: float = Field(1.0, gt=0)  # S: L2 bound of each upload's delta (upload − start), all tensors together
+    noise_multiplier: float = Field(0.0, ge=0)  # sigma: Gaussian noise std = sigma · S
+    delta: float = Field(1e-5, gt=0, lt=1)  # the delta of the reported (epsilon, delta)
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -126,6 +134,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -135,6 +144,8 @@ class RunConfig(_Section):
                              f"> partition.num_clients ({n})")
         if self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients ({self.federation.min_clients}) > partition.num_clients ({n})")
+        if self.privacy.dp == "central" and self.method.name == "celora":
+            raise ValueError("privacy.dp: central DP is not supported for celora (personalized C̄); use local")
         return self
 
 

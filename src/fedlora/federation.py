@@ -119,6 +119,15 @@ class Server:
     def aggregate(self, t: int, uploads: list[Upload]) -> None:
         if uploads and uploads[0].tensors:
             self.method.aggregate(self, t, uploads)
+            pr = self.method.cfg.privacy  # central DP (issue 7): noise on the aggregated server-held keys
+            if pr.dp == "central" and pr.noise_multiplier > 0:
+                from .privacy.dp import central_noise
+
+                keys = [k for k in uploads[0].tensors if k in self.global_state]
+                noise = central_noise({k: self.global_state[k] for k in keys}, [u.n_examples for u in uploads], pr,
+                                      self.method.cfg.seed, t)
+                for k in keys:
+                    self.global_state[k] = self.global_state[k] + noise[k]
         self.last_round = t
 
     def finish_round(self, t: int, downloads: dict[int, Download], uploads: dict[int, Upload | None]) -> dict:
@@ -156,12 +165,14 @@ class Server:
             self.cumulative[f"up_{k}"] += up[k]
             self.cumulative[f"down_{k}"] += down[k]
         n_up = max(1, len(downloads) - len(dropped))
+        from .privacy.dp import run_epsilon  # issue 7: (epsilon, delta) spent after t rounds; None without DP
+
         return {"round": t, "clients": sorted(downloads), "dropped": dropped, "rejected": rejected,
                 "skipped": skipped, "train_loss": float(np.mean(losses)) if losses else None,
                 "up_raw_other": extra,
                 **{f"up_{k}": v for k, v in up.items()}, **{f"down_{k}": v for k, v in down.items()},
                 "up_raw_adapter_per_client": up["raw_adapter"] / n_up, "up_raw_per_client": up["raw"] / n_up,
-                **{f"cum_{k}": v for k, v in self.cumulative.items()}}
+                **{f"cum_{k}": v for k, v in self.cumulative.items()}, "epsilon": run_epsilon(self.method.cfg, t)}
 
     def state_dict(self) -> dict:
         return {"global_state": self.global_state, "version": self.version, "synced": self.synced,
@@ -194,7 +205,12 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
         stats = local_train(am, data, stream, method.trainable(t), train, train.local_steps)
     trained = am.get_state()
     uploaded = method.uploaded(t)
-    upload = Upload(dl.client, t, {k: v for k, v in trained.items() if factor_of(k) in uploaded},
-                    n_examples=len(data), metrics=stats)
+    tensors = {k: v for k, v in trained.items() if factor_of(k) in uploaded}
+    if method.cfg.privacy.dp != "none":  # issue 7: clip the delta from the start state (+ local DP noise)
+        from .privacy.dp import privatize_upload
+
+        start = state.full()
+        tensors = privatize_upload(tensors, start, method.cfg.privacy, method.cfg.seed, dl.client, t)
+    upload = Upload(dl.client, t, tensors, n_examples=len(data), metrics=stats)
     new_state = ClientState(state.shared, {k: trained[k] for k in state.personal})
     return upload, new_state

@@ -164,14 +164,54 @@ def decode(am: AdaptedModel, x: torch.Tensor, vocab: torch.Tensor | None = None,
     return best_id
 
 
+def first_layer_key(am: AdaptedModel, keys) -> str | None:
+    """An observed weight of a linear layer fed directly by the embedding layer's output (layer 0's
+    attention value / query / key projection), whose gradient rows span the input vectors h_p."""
+    for name in ("value", "query", "key"):  # the value's gradient involves every position most strongly
+        for k in sorted(keys):
+            if k.endswith(".weight") and f".layer.0.attention.self.{name}." in k:
+                return k
+    return None
+
+
+@torch.no_grad()
+def span_residuals(am: AdaptedModel, obs: Observation, rel_tol: float = 1e-3, chunk: int = 4096) -> torch.Tensor | None:
+    """DAGER-style exact span test: the gradient G = Σ_p δ_p h_p^T of a layer fed by the embedding output
+    has its row space spanned by the batch's input vectors h_p. For each position p and vocabulary token v,
+    the relative residual of h(v, p) = Embed(v at p) after projection onto rowspace(G): (L, V), ~0 for the
+    true tokens. None where the structure does not allow it (no such observed key, or rank(G) = hidden,
+    i.e. b·L >= hidden, so every vector is in the span). Only the FULL reference exposes such a key;
+    LoRA factors see h_p through A (rank r), too few dimensions once b·L > r."""
+    key = first_layer_key(am, obs.delta)
+    if key is None:
+        return None
+    g = obs.delta[key].double()
+    _, sv, vh = torch.linalg.svd(g, full_matrices=False)
+    rank = int((sv > rel_tol * sv[0]).sum())
+    hidden = g.shape[1]
+    if rank >= hidden:
+        return None
+    basis = vh[:rank]  # (rank, hidden)
+    words = am.model.get_input_embeddings().weight
+    seq = obs.attention_mask.shape[1]
+    out = []
+    for i in range(0, words.shape[0], chunk):
+        e = words[i:i + chunk][:, None, :].expand(-1, seq, -1)
+        h = _embedding_out(am.model, e).double()  # (n, L, hidden)
+        proj = (h @ basis.t()) @ basis
+        out.append(((h - proj).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)).t().float())  # (L, n)
+    return torch.cat(out, dim=1)
+
+
 def _induced(grads: list[torch.Tensor], lrs: list[float], optimizer: str, eps: float) -> list[torch.Tensor]:
     if optimizer == "sgd":
         return [-lr * g for g, lr in zip(grads, lrs, strict=True)]
     return [-lr * g / (g.abs() + eps) for g, lr in zip(grads, lrs, strict=True)]
 
 
-def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, steps: int = 300, lr: float = 0.1,
-           l2_weight: float = 1.0, key_weight: float = 1.0, min_rel_update: float = 1e-5, restarts: int = 1, seed: int = 0, vocab: torch.Tensor | None = None,
+def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, steps: int = 500, lr: float = 0.1,
+           l2_weight: float = 1.0, key_weight: float = 1.0, min_rel_update: float = 0.0, restarts: int = 1,
+           seed: int = 0, vocab: torch.Tensor | None = None,
            init_scale: float | None = None) -> AttackResult:
     """Reconstruct the batch from `obs` (only the keys the method uploads). The model must hold the
     client's starting state (the download applied), as after `client_step`."""
@@ -272,7 +312,7 @@ def score(tokenizer, pred_ids: torch.Tensor, true_ids: torch.Tensor, mask: torch
 
 
 def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size: int = 1, batch_index: int = 0,
-                  optimizer: str = "sgd", steps: int = 300, lr: float = 0.1, restarts: int = 1,
+                  optimizer: str = "sgd", steps: int = 500, lr: float = 0.1, restarts: int = 1,
                   vocab: torch.Tensor | None = None, seed: int = 0) -> dict:
     """Attack client `cid`'s round-1 upload of one step on rows [batch_index·b, (batch_index+1)·b) of its
     training data; `method_name` None (or "full") attacks the full fine-tuning reference with the run's
@@ -286,7 +326,8 @@ def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size:
     data = sim.client_train[cid]
     lo = batch_index * batch_size
     if lo + batch_size > len(data):
-        raise ValueError(f"attack: client {cid} has {len(data)} examples, fewer than batch {batch_index} × {batch_size}")
+        raise ValueError(f"attack: client {cid} has {len(data)} examples, too few for batch {batch_index} "
+                         f"of size {batch_size}")
     batch = data.batch(slice(lo, lo + batch_size))
     snapshot = sim.am.get_state()
     try:
