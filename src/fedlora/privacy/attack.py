@@ -164,45 +164,6 @@ def decode(am: AdaptedModel, x: torch.Tensor, vocab: torch.Tensor | None = None,
     return best_id
 
 
-def first_layer_key(am: AdaptedModel, keys) -> str | None:
-    """An observed weight of a linear layer fed directly by the embedding layer's output (layer 0's
-    attention value / query / key projection), whose gradient rows span the input vectors h_p."""
-    for name in ("value", "query", "key"):  # the value's gradient involves every position most strongly
-        for k in sorted(keys):
-            if k.endswith(".weight") and f".layer.0.attention.self.{name}." in k:
-                return k
-    return None
-
-
-@torch.no_grad()
-def span_residuals(am: AdaptedModel, obs: Observation, rel_tol: float = 1e-3, chunk: int = 4096) -> torch.Tensor | None:
-    """DAGER-style exact span test: the gradient G = Σ_p δ_p h_p^T of a layer fed by the embedding output
-    has its row space spanned by the batch's input vectors h_p. For each position p and vocabulary token v,
-    the relative residual of h(v, p) = Embed(v at p) after projection onto rowspace(G): (L, V), ~0 for the
-    true tokens. None where the structure does not allow it (no such observed key, or rank(G) = hidden,
-    i.e. b·L >= hidden, so every vector is in the span). Only the FULL reference exposes such a key;
-    LoRA factors see h_p through A (rank r), too few dimensions once b·L > r."""
-    key = first_layer_key(am, obs.delta)
-    if key is None:
-        return None
-    g = obs.delta[key].double()
-    _, sv, vh = torch.linalg.svd(g, full_matrices=False)
-    rank = int((sv > rel_tol * sv[0]).sum())
-    hidden = g.shape[1]
-    if rank >= hidden:
-        return None
-    basis = vh[:rank]  # (rank, hidden)
-    words = am.model.get_input_embeddings().weight
-    seq = obs.attention_mask.shape[1]
-    out = []
-    for i in range(0, words.shape[0], chunk):
-        e = words[i:i + chunk][:, None, :].expand(-1, seq, -1)
-        h = _embedding_out(am.model, e).double()  # (n, L, hidden)
-        proj = (h @ basis.t()) @ basis
-        out.append(((h - proj).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)).t().float())  # (L, n)
-    return torch.cat(out, dim=1)
-
-
 def _induced(grads: list[torch.Tensor], lrs: list[float], optimizer: str, eps: float) -> list[torch.Tensor]:
     if optimizer == "sgd":
         return [-lr * g for g, lr in zip(grads, lrs, strict=True)]

@@ -666,9 +666,7 @@ class FlowerServer:
         if single:
             worker = threading.Thread(target=global_test, name="fedlora-global-test")
             worker.start()
-        # which clients' models are also measured on the global test set: as in Simulation.evaluate
-        k = cfg.eval.global_clients or sim.num_clients
-        global_cids = set(np.random.default_rng([cfg.seed, 103]).permutation(sim.num_clients)[:k].tolist())
+        global_cids = sim.global_eval_clients()  # as in Simulation.evaluate
         collect = final and bool(self.rc["collect-client-states"]) and cfg.output.save_client_states
 
         def build(cid: int) -> Callable[[], RecordDict]:

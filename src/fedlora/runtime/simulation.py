@@ -145,6 +145,11 @@ class Simulation:
                 samples.extend(gen)
         return m
 
+    def global_eval_clients(self) -> set[int]:
+        """The fixed seeded subset of clients whose own models are also measured on the global test set."""
+        k = self.cfg.eval.global_clients or self.num_clients
+        return set(np.random.default_rng([self.cfg.seed, 103]).permutation(self.num_clients)[:k].tolist())
+
     def evaluate(self, generate: bool = False) -> dict:
         """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
         generate = generate and self.task.causal and self.cfg.eval.generate_examples > 0
@@ -156,8 +161,7 @@ class Simulation:
                           for c, d in enumerate(self.client_test)]
         else:
             per_client, gs = [], []
-            k = self.cfg.eval.global_clients or self.num_clients
-            global_cids = set(np.random.default_rng([self.cfg.seed, 103]).permutation(self.num_clients)[:k].tolist())
+            global_cids = self.global_eval_clients()
             for cid in range(self.num_clients):
                 self.am.set_state(self.eval_state(cid))
                 own = samples.setdefault(f"client_{cid}", [])
@@ -242,7 +246,7 @@ class Simulation:
         final |= {k: last[k] for k in ("client_accuracy", "client_perplexity") if k in last}
         return {"name": self.cfg.name, "method": self.method.name, "head": self.method.head,
                 "task": self.task.name, "num_clients": self.num_clients, "rounds": rounds,
-                "global_accuracy": last.get("global_accuracy"), "personal_accuracy": last.get("personal_accuracy"),
+                "global_accuracy": None, "personal_accuracy": None,  # None for a causal LM; set below otherwise
                 **final, "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
                 "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
                 **self.server.cumulative, "wall_s": wall}
