@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
     ("overhead.py", ["--methods", "fedit,rolora", "--repeats", "1"], "overhead_quick.json"),
     ("memory_scaling.py", ["--methods", "fedsa", "--sizes", "1,20"], "memory_scaling_quick.json"),
     ("linear_regression.py", [], "linear_regression_quick.json"),
+    ("noniid_personalization.py", ["--methods", "fedit,celora,local", "--alphas", "0.5"],
+     "noniid_personalization_quick.json"),
+    ("noniid_personalization.py", ["--stage", "tune", "--methods", "fedit,celora"],
+     "noniid_personalization_tune_quick.json"),
+    ("client_scaling.py", ["--methods", "fedit,rolora"], "client_scaling_quick.json"),
+    ("privacy.py", ["--attack-methods", "full,celora", "--dp-methods", "fedit,celora"], "privacy_quick.json"),
+    ("llm_personalization.py", ["--methods", "fedit,celora"], "llm_personalization_quick.json"),
 ])
 def test_benchmark_quick(tmp_path, script, args, out):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path),

@@ -80,3 +80,36 @@ def test_user_files_and_errors(tmp_path):
         load_task("csv", path=str(tmp_path / "missing.csv"))
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         load_task("nope")
+
+
+def test_validation_split_is_carved_from_train_and_leaves_test_untouched():
+    task = load_task("synthetic", seed=0)
+    base = split_task(task, PartitionConfig(num_clients=4, scheme="dirichlet", alpha=0.5), 0)
+    s = split_task(task, PartitionConfig(num_clients=4, scheme="dirichlet", alpha=0.5, client_val_fraction=0.25), 0)
+    assert np.array_equal(s.global_test, base.global_test)
+    for (tr0, te0), (tr, te), val in zip(base.clients, s.clients, s.validation, strict=True):
+        assert np.array_equal(te, te0)  # the test split is the same with or without validation
+        assert set(tr) | set(val) == set(tr0) and not set(tr) & set(val)
+        assert len(val) == max(1, round(len(tr0) * 0.25))
+
+
+def test_eval_split_validation_needs_a_validation_fraction():
+    from fedlora.config import ConfigError, build_config
+    with pytest.raises(ConfigError, match="client_val_fraction"):
+        build_config({"eval": {"split": "validation"}})
+
+
+def test_simulation_evaluates_on_validation_sets_when_tuning(tmp_path):
+    from fedlora.config import build_config
+    from fedlora.runtime.simulation import Simulation
+
+    cfg = {"model": {"name": "tiny-bert", "max_length": 16}, "task": {"name": "synthetic"},
+           "partition": {"num_clients": 3, "client_val_fraction": 0.25}, "federation": {"rounds": 1}}
+    test = Simulation(build_config(cfg), tmp_path / "a")
+    val = Simulation(build_config({**cfg, "eval": {"split": "validation"}}), tmp_path / "b")
+    for cid, v in enumerate(val.split.validation):
+        assert len(val.client_test[cid]) == len(v)
+        assert len(test.client_test[cid]) == len(test.split.clients[cid][1])
+        assert len(val.client_train[cid]) == len(test.client_train[cid])  # same training data either way
+    pooled = {tuple(r.tolist()) for r in val.global_test.input_ids}
+    assert pooled <= {tuple(r.tolist()) for c in val.client_test for r in c.input_ids}

@@ -126,3 +126,38 @@ def test_config_rejects_central_dp_for_celora(tmp_path):
 
     with pytest.raises(ConfigError, match="central"):
         build_config({**tiny_config(tmp_path, method={"name": "celora"}), "privacy": {"dp": "central"}})
+
+
+def test_celora_descriptor_release_is_in_the_budget(tmp_path):
+    from conftest import tiny_config
+
+    from fedlora.config import ConfigError
+
+    def cfg(method, **celora):
+        return build_config({**tiny_config(tmp_path, method={"name": method, "celora": celora}),
+                             "privacy": {"dp": "local", "noise_multiplier": 1.0}})
+
+    with pytest.raises(ConfigError, match="descriptor_sigma"):
+        cfg("celora")  # beta 0.5 uses the descriptor: released without noise is refused
+    plain = dp.run_epsilon(cfg("fedit"), 5)
+    with_desc = dp.run_epsilon(cfg("celora", descriptor_sigma=2.0), 5)
+    assert math.isfinite(with_desc) and with_desc > plain
+    assert dp.run_epsilon(cfg("celora", descriptor_sigma=4.0), 5) < with_desc  # more noise, less spent
+    assert dp.run_epsilon(cfg("celora", beta=0.0), 5) == pytest.approx(plain)  # no descriptor is sent
+
+
+def test_descriptor_release_clips_and_hides_absent_classes():
+    import numpy as np
+
+    from fedlora.methods.similarity import data_descriptor, privatize
+
+    feats = torch.randn(40, 8) * 5 + 3
+    labels = torch.tensor([0] * 30 + [2] * 10)
+    desc = data_descriptor(feats, labels, num_labels=4, all_classes=True)
+    assert desc["classes"].tolist() == [0, 1, 2, 3] and float(desc["mean"][1].abs().sum()) == 0.0
+    out = privatize(desc, 1e-9, 1.0, np.random.default_rng(0))  # ~no noise: only the clipping shows
+    flat = torch.cat([out[k].flatten() for k in ("mean", "var")])
+    assert float(torch.cat([desc[k].flatten() for k in ("hist", "mean", "var")]).norm()) > 10
+    assert float(flat.norm()) <= 1.0 + 1e-6
+    draws = torch.stack([privatize(desc, 0.5, 2.0, np.random.default_rng(i))["mean"][1] for i in range(400)])
+    assert float(draws.std()) == pytest.approx(0.5 * 2.0, rel=0.1)  # an absent class's row is pure noise

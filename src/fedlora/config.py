@@ -47,6 +47,8 @@ class PartitionConfig(_Section):
     min_partition_size: int = Field(10, ge=0)
     global_test_fraction: float = Field(0.2, gt=0, lt=1)  # held out before partitioning
     client_test_fraction: float = Field(0.2, gt=0, lt=1)  # each client's own test split
+    # tuning: carve this fraction of each client's TRAIN part as its validation set (0: none)
+    client_val_fraction: float = Field(0.0, ge=0, lt=1)
 
 
 class AdapterConfig(_Section):
@@ -66,7 +68,10 @@ class CELoRAConfig(_Section):
     learned_steps: int = Field(20, ge=0)
     learned_lambda: float = Field(1.0, ge=0)
     learned_lr: float = Field(0.1, gt=0)
-    descriptor_sigma: float = Field(0.0, ge=0)  # Gaussian noise on the data descriptor
+    # the data descriptor's private release: clip it to L2 norm descriptor_clip, add N(0, (sigma·clip)²);
+    # with privacy.dp on, its (sigma, 1 release) is composed into the run's epsilon
+    descriptor_sigma: float = Field(0.0, ge=0)
+    descriptor_clip: float = Field(1.0, gt=0)
     param_center: bool = False  # subtract the round's mean ΔC before the cosine (removes the drift all share)
 
 
@@ -95,6 +100,9 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    # "validation": evaluate on the clients' validation sets (partition.client_val_fraction) instead of the
+    # test splits, and the global metric on their union: tune on this, report on "test"
+    split: Literal["test", "validation"] = "test"
     every: int = Field(1, gt=0)  # evaluate every k rounds (and always after the last)
     batch_size: int = Field(64, gt=0)
     max_global_examples: int | None = Field(1000, gt=0)
@@ -146,6 +154,12 @@ class RunConfig(_Section):
             raise ValueError(f"federation.min_clients ({self.federation.min_clients}) > partition.num_clients ({n})")
         if self.privacy.dp == "central" and self.method.name == "celora":
             raise ValueError("privacy.dp: central DP is not supported for celora (personalized C̄); use local")
+        c = self.method.celora
+        if self.privacy.dp != "none" and self.method.name == "celora" and c.beta > 0 and c.descriptor_sigma == 0:
+            raise ValueError("privacy.dp is on but CE-LoRA's data descriptor (used when method.celora.beta > 0) "
+                             "would be released without noise: set method.celora.descriptor_sigma > 0 or beta 0")
+        if self.eval.split == "validation" and self.partition.client_val_fraction == 0:
+            raise ValueError("eval.split is 'validation' but partition.client_val_fraction is 0")
         return self
 
 

@@ -26,6 +26,7 @@ from .tasks import Task
 class Split:
     global_test: np.ndarray  # example indices into the task
     clients: list[tuple[np.ndarray, np.ndarray]]  # (train indices, test indices) per client
+    validation: list[np.ndarray] | None = None  # per client, carved from its train part (tuning only)
 
 
 def make_partitioner(cfg: PartitionConfig, seed: int) -> Partitioner:
@@ -71,7 +72,18 @@ def split_task(task: Task, cfg: PartitionConfig, seed: int) -> Split:
         idx = idx[np.random.default_rng([seed, cid]).permutation(len(idx))]
         n_c = max(1, int(round(len(idx) * cfg.client_test_fraction)))
         clients.append((np.sort(idx[n_c:]), np.sort(idx[:n_c])))
-    return Split(global_test, clients)
+    if not cfg.client_val_fraction:
+        return Split(global_test, clients)
+    # validation comes out of train (test untouched, so a tuned run's test numbers stay unseen)
+    validation = []
+    for cid, (train, test) in enumerate(clients):
+        train = train[np.random.default_rng([seed, cid, 1]).permutation(len(train))]
+        n_v = max(1, int(round(len(train) * cfg.client_val_fraction)))
+        if len(train) - n_v < 1:
+            raise ValueError(f"client {cid}: partition.client_val_fraction leaves no training examples")
+        clients[cid] = (np.sort(train[n_v:]), test)
+        validation.append(np.sort(train[:n_v]))
+    return Split(global_test, clients, validation)
 
 
 def label_histogram(labels: list[int] | np.ndarray, num_labels: int) -> np.ndarray:

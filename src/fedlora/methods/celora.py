@@ -133,13 +133,20 @@ class CELoRA(Method):
         init_tri_factors(am, self.opt.ab_init, self.cfg.seed)
         self.init_c = am.get_state({"C"})
         self.run_dir = Path(sim.run_dir)
-        # descriptors: the base model (C = 0, so ΔW = 0 exactly) over each client's training data
+        # descriptors: the base model (C = 0, so ΔW = 0 exactly) over each client's training data;
+        # with beta = 0 the data similarity is unused, so nothing is computed or sent
         self.descriptors, self.descriptor_bytes = [], {}
+        if self.opt.beta == 0:
+            self.s_data = None
+            return
         labels = torch.as_tensor(np.asarray(sim.task.labels, dtype=np.int64))  # classes; a causal LM's categories
         for cid, data in enumerate(sim.client_train):
             feats = pooled_features(am.model, data.input_ids, data.attention_mask, self.cfg.eval.batch_size)
-            desc = data_descriptor(feats, labels[torch.as_tensor(sim.split.clients[cid][0])], sim.task.num_labels)
-            desc = privatize(desc, self.opt.descriptor_sigma, np.random.default_rng([self.cfg.seed, 7919, cid]))
+            private = self.opt.descriptor_sigma > 0
+            desc = data_descriptor(feats, labels[torch.as_tensor(sim.split.clients[cid][0])], sim.task.num_labels,
+                                   all_classes=private)
+            desc = privatize(desc, self.opt.descriptor_sigma, self.opt.descriptor_clip,
+                             np.random.default_rng([self.cfg.seed, 7919, cid]))
             self.descriptors.append(desc)
             self.descriptor_bytes[cid] = descriptor_nbytes(desc)
         self.s_data = data_similarity(self.descriptors)  # server side, cached

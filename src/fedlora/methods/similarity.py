@@ -55,31 +55,40 @@ def pooled_features(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def data_descriptor(features: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, torch.Tensor]:
+def data_descriptor(features: torch.Tensor, labels: torch.Tensor, num_labels: int,
+                    all_classes: bool = False) -> dict[str, torch.Tensor]:
     """hist (L,) normalized; classes (m,) the labels present; mean, var (m, hidden) per present class.
 
     `labels` are the examples' classes (a causal LM task: their categories), one per row of `features`.
+    `all_classes`: rows for every class (zeros for absent ones), so that which classes a client holds is
+    not released in the clear (the private release below needs this).
     """
     labels = labels.long()
     counts = torch.bincount(labels, minlength=num_labels).double()
-    classes = torch.nonzero(counts > 0).flatten()
+    classes = torch.arange(num_labels) if all_classes else torch.nonzero(counts > 0).flatten()
     feats = features.double()
-    mean = torch.stack([feats[labels == c].mean(0) for c in classes])
-    var = torch.stack([feats[labels == c].var(0, unbiased=False) for c in classes])
+    zero = torch.zeros(feats.shape[1], dtype=torch.float64)
+    mean = torch.stack([feats[labels == c].mean(0) if counts[c] > 0 else zero for c in classes])
+    var = torch.stack([feats[labels == c].var(0, unbiased=False) if counts[c] > 0 else zero for c in classes])
     return {"hist": (counts / counts.sum()).float(), "classes": classes, "mean": mean.float(), "var": var.float()}
 
 
-def privatize(desc: dict[str, torch.Tensor], sigma: float, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """Gaussian noise of std `sigma` on every released number (histogram, means, variances).
+def privatize(desc: dict[str, torch.Tensor], sigma: float, clip: float,
+              rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """The Gaussian mechanism on the descriptor (built with `all_classes`): clip every released number
+    (histogram, means, variances, as one vector) to L2 norm `clip`, add N(0, (sigma · clip)²) to each.
+    `sigma` is the noise multiplier that `privacy.dp.run_epsilon` composes into the run's budget.
 
     Post-processing keeps the descriptor valid: the histogram is clipped at 0 and renormalized (uniform
-    if nothing is left), variances are clipped at 0. `sigma` is a noise scale, not a calibrated (ε, δ).
+    if nothing is left), variances are clipped at 0.
     """
     if sigma <= 0:
         return desc
+    flat = torch.cat([desc[k].double().flatten() for k in ("hist", "mean", "var")])
+    scale = min(1.0, clip / max(float(flat.norm()), 1e-12))
 
     def noisy(x: torch.Tensor) -> torch.Tensor:
-        return x + torch.from_numpy(rng.normal(0.0, sigma, size=tuple(x.shape))).to(x.dtype)
+        return x * scale + torch.from_numpy(rng.normal(0.0, sigma * clip, size=tuple(x.shape))).to(x.dtype)
 
     hist = noisy(desc["hist"]).clamp_min(0)
     hist = hist / hist.sum() if hist.sum() > 0 else torch.full_like(hist, 1.0 / len(hist))

@@ -9,7 +9,9 @@ Epsilon for the given δ: Opacus's RDP accountant over t rounds of the sampled G
 noise multiplier σ and sampling rate q = clients_per_round / num_clients (central; Poisson-sampling
 approximation of the server's sampling without replacement) or q = 1 (local: the server sees who is
 sampled, so no amplification; an upper bound, a client that skipped rounds has spent less).
-Not covered: CE-LoRA's data descriptor (its own `descriptor_sigma` noise is not in the budget), and
+CE-LoRA's data descriptor (sent once, when beta > 0) is a Gaussian mechanism of its own (clipped to
+`descriptor_clip`, noise multiplier `descriptor_sigma`, sampling rate 1, one release), composed into
+the same accountant; the config refuses DP with a descriptor released without noise. Not covered:
 central DP for CE-LoRA (personalized C̄_i, rejected by the config).
 """
 
@@ -59,24 +61,28 @@ def central_noise(like: dict[str, torch.Tensor], weights: list[float], privacy, 
     return gaussian(like, privacy.noise_multiplier * privacy.clip * p_max, seeded(seed, 104, t))
 
 
-def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
-    """(ε, δ) after `rounds` of the sampled Gaussian mechanism, from Opacus's RDP accountant."""
-    if rounds <= 0:
+def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,
+            extra: list[tuple[float, float, int]] = ()) -> float:
+    """(ε, δ) after `rounds` of the sampled Gaussian mechanism (plus `extra` (σ, q, steps) mechanisms,
+    e.g. CE-LoRA's descriptor release), from Opacus's RDP accountant."""
+    if rounds <= 0 and not extra:
         return 0.0
-    if noise_multiplier <= 0:
+    if noise_multiplier <= 0 or any(s <= 0 for s, _, _ in extra):
         return math.inf
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, rounds)]
+    acc.history = [(noise_multiplier, sample_rate, rounds)] * (rounds > 0) + list(extra)
     return float(acc.get_epsilon(delta))
 
 
 def run_epsilon(cfg, rounds: int) -> float | None:
-    """The run's ε after `rounds` rounds (None without DP)."""
+    """The run's ε after `rounds` rounds (None without DP), CE-LoRA's descriptor release included."""
     pr = cfg.privacy
     if pr.dp == "none":
         return None
     n, k = cfg.partition.num_clients, cfg.federation.clients_per_round
     q = 1.0 if pr.dp == "local" or k is None else min(1.0, k / n)
-    return epsilon(pr.noise_multiplier, q, rounds, pr.delta)
+    c = cfg.method.celora
+    extra = [(c.descriptor_sigma, 1.0, 1)] if cfg.method.name == "celora" and c.beta > 0 else []
+    return epsilon(pr.noise_multiplier, q, rounds, pr.delta, extra)

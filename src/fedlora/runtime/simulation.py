@@ -73,9 +73,16 @@ class Simulation:
             everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
         else:
             everything = tokenize(self.tokenizer, self.task.texts, self.task.labels, cfg.model.max_length)
-        self.global_test = everything.subset(self.split.global_test).head(cfg.eval.max_global_examples)
         self.client_train = [everything.subset(tr) for tr, _ in self.split.clients]
-        self.client_test = [everything.subset(te).head(cfg.eval.max_client_examples) for _, te in self.split.clients]
+        if cfg.eval.split == "validation":  # tuning: the test splits are never touched
+            held = self.split.validation
+            pooled = np.concatenate(held)  # a seeded sample, not the first clients' validation sets
+            pooled = np.sort(np.random.default_rng([cfg.seed, 103]).permutation(pooled)[:cfg.eval.max_global_examples])
+            self.global_test = everything.subset(pooled)
+        else:
+            held = [te for _, te in self.split.clients]
+            self.global_test = everything.subset(self.split.global_test).head(cfg.eval.max_global_examples)
+        self.client_test = [everything.subset(te).head(cfg.eval.max_client_examples) for te in held]
         self.num_clients = cfg.partition.num_clients
 
         # one base model, adapters injected once

@@ -1,0 +1,108 @@
+"""RoLoRA's client-scaling claim (its Table 2): the same data over more clients hurts FedIT and FFA-LoRA more.
+
+MiniLM-L6 on `rt-sentiment`, LoRA rank 2 on query/value, the same total number of training
+examples split IID over 3, 20 and 50 clients, every client every round. The compute per round is
+held equal: each client runs one local epoch (its examples / batch size steps), so 3 clients take
+many steps each and 50 clients a few. FedIT, FFA-LoRA, RoLoRA, one shared model (shared head);
+the score is the global model's accuracy on the held-out global test set.
+
+Expected (the paper): similar at 3 clients; at 20 and 50 clients RoLoRA stays close to its
+3-client accuracy while FedIT and FFA-LoRA fall (FedIT's average of products is not the product of
+averages; FFA's frozen random A limits what B can express).
+
+    .venv/bin/python benchmarks/client_scaling.py             # ~20 min on 2 cores
+    .venv/bin/python benchmarks/client_scaling.py --quick     # tiny random BERT, seconds (test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from sweep import markdown, run_arms, write_json
+
+METHODS = ["fedit", "ffa", "rolora"]
+
+
+def config(quick: bool, method: str, clients: int, total: int, rounds: int, lr: float) -> dict:
+    model = {"name": "tiny-bert", "max_length": 16} if quick else {"name": "minilm", "max_length": 64}
+    task = {"name": "synthetic"} if quick else {"name": "rt-sentiment"}
+    batch = 16
+    # the whole task is cut so that the clients' train parts hold `total` examples together
+    task["max_examples"] = math.ceil(total / (0.8 * 0.95))
+    return {"seed": 0, "model": model, "task": task,
+            "partition": {"num_clients": clients, "scheme": "iid", "global_test_fraction": 0.2,
+                          "client_test_fraction": 0.05, "min_partition_size": 0},
+            "adapter": {"r": 2, "alpha": 16, "target_modules": ["query", "value"]},
+            "method": {"name": method, "head": "shared"}, "federation": {"rounds": rounds},
+            # one local epoch per round: equal compute per round at every client count
+            "train": {"local_steps": max(1, round(total / clients / batch)), "batch_size": batch, "lr": lr},  # = rows
+            "eval": {"every": max(1, rounds // 3), "max_global_examples": 600, "max_client_examples": 8,
+                     "global_clients": 1}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--clients", default=None, help="default 3,20,50 (quick: 2,6)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--total", type=int, default=None, help="training examples over all clients (default 1600)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 6")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+    counts = [int(c) for c in (args.clients or ("2,6" if args.quick else "3,20,50")).split(",")]
+    total, rounds = args.total or (120 if args.quick else 1600), args.rounds or (2 if args.quick else 6)
+    name = "client_scaling" + ("_quick" if args.quick else "")
+    arms = [(f"{m}-{k}", config(args.quick, m, k, total, rounds, args.lr))
+            for k in counts for m in args.methods.split(",")]
+    results = run_arms(arms, Path(args.out) / name, jobs=1 if args.quick else args.jobs)
+    rows = []
+    for label, (s, hist) in results.items():
+        m, k = label.rsplit("-", 1)
+        rows.append({"method": m, "clients": int(k), "global_accuracy": s["global_accuracy"],
+                     "local_steps": max(1, round(total / int(k) / 16)),
+                     "up_mb": s["up_raw"] / 1e6, "wall_s": s["wall_s"],
+                     "curve": [(r["round"], r["global_accuracy"]) for r in hist
+                               if r.get("global_accuracy") is not None]})
+    for m in args.methods.split(","):  # accuracy drop from the fewest to the most clients
+        acc = {r["clients"]: r["global_accuracy"] for r in rows if r["method"] == m}
+        for r in rows:
+            if r["method"] == m:
+                r["drop_vs_fewest"] = acc[min(acc)] - r["global_accuracy"]
+    write_json(Path(args.out) / f"{name}.json", {"total_examples": total, "rounds": rounds, "rows": rows})
+    plot(rows, Path(args.out) / f"{name}.png")
+    print(f"{total} training examples in all, IID, {rounds} rounds, one local epoch per round, rank 2")
+    print(markdown(rows, [("method", "method", "s"), ("clients", "clients", "d"),
+                          ("local_steps", "local steps / round", "d"),
+                          ("global_accuracy", "global acc", ".3f"),
+                          ("drop_vs_fewest", "drop vs fewest clients", "+.3f"),
+                          ("up_mb", "uplink MB", ".2f"), ("wall_s", "wall s", ".0f")]))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["clients"])
+        ax[0].plot([r["clients"] for r in mine], [r["global_accuracy"] for r in mine], marker="o", label=m)
+        for r in mine:
+            t, acc = zip(*r["curve"], strict=True)
+            ax[1].plot(t, acc, marker=".", label=f"{m}, {r['clients']} clients")
+    ax[0].set(xlabel="clients (same total data)", ylabel="global accuracy", xscale="log", title="final accuracy")
+    ax[1].set(xlabel="round", ylabel="global accuracy", title="accuracy vs round")
+    ax[0].legend()
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""CE-LoRA's claim under non-IID data: personalized accuracy vs FedIT and local-only, and the bytes paid.
+
+MiniLM-L6 on `healthtweets-outlet` (16 outlets), 20 clients, Dirichlet alpha 0.1 and 0.5 on the
+label; every method gets the same data, seed, rounds and local steps. All federated methods keep a
+personal classification head here (the same head policy for all, as CE-LoRA's claim needs; the head
+bytes are reported apart), plus FedIT with a shared head, the usual FedIT. Uplink is the adapter
+bytes one client sends in one round. The centralized reference trains on the pooled data with the
+same total number of steps per round as the federation (local steps x clients).
+
+Two stages, on different data:
+  --stage tune   CE-LoRA's options (beta 0 / 0.5 / 1, tau -> inf, frozen vs local A/B, C lr) and each
+                 method's learning rate, scored on a validation split carved from the clients' train
+                 data (the test splits are never read): the ablation table.
+  --stage test   every method with its tuned options, scored on the clients' test splits.
+
+    .venv/bin/python benchmarks/noniid_personalization.py --stage tune
+    .venv/bin/python benchmarks/noniid_personalization.py --stage test
+    .venv/bin/python benchmarks/noniid_personalization.py --quick     # tiny random BERT, the test suite's smoke run
+
+Prints the table last; writes `<out>/noniid_personalization[_tune|_quick].json` and a PNG of
+personalized accuracy vs round and vs cumulative uplink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+from sweep import markdown, run_arms, write_json
+
+# learning rates per method: A/B factors, the core C, the head (set from --stage tune; see benchmarks/README.md)
+LR = {"fedit": 1e-3, "ffa": 3e-3, "rolora": 1e-3, "fedsa": 1e-3, "celora": 1e-3, "local": 1e-3, "centralized": 1e-3}
+LR_C = 3e-2
+METHODS = ["fedit", "ffa", "rolora", "fedsa", "celora", "local", "centralized"]
+
+
+def base_config(quick: bool, alpha: float, rounds: int, steps: int, stage: str) -> dict:
+    if quick:
+        model, task, n, r = {"name": "tiny-bert", "max_length": 16}, {"name": "synthetic"}, 6, 4
+    else:
+        model, task, n, r = {"name": "minilm", "max_length": 64}, {"name": "healthtweets-outlet"}, 20, 8
+    cfg = {"seed": 0, "model": model, "task": task,
+           "partition": {"num_clients": n, "scheme": "dirichlet", "alpha": alpha},
+           "adapter": {"r": r, "alpha": 2 * r, "target_modules": ["query", "value"]},
+           "federation": {"rounds": rounds},
+           "train": {"local_steps": steps, "batch_size": 16, "lr_c": LR_C, "lr_head": 1e-2},
+           "eval": {"every": max(1, rounds // 3), "max_global_examples": 300, "global_clients": 3}}
+    if stage == "tune":
+        cfg["partition"]["client_val_fraction"] = 0.2
+        cfg["eval"]["split"] = "validation"
+    return cfg
+
+
+def arm(base: dict, method: str, head: str | None = "personal", lr: float | None = None, **celora) -> dict:
+    cfg = copy.deepcopy(base)
+    cfg["method"] = {"name": method, **({"head": head} if head and method != "centralized" else {}),
+                     **({"celora": celora} if celora else {})}
+    cfg["train"]["lr"] = lr or LR[method]
+    if method == "centralized":  # the same total compute: one trainer takes every client's steps of a round
+        cfg["train"]["local_steps"] *= cfg["partition"]["num_clients"]
+    return cfg
+
+
+def arms_for(stage: str, base: dict, methods: list[str]) -> list[tuple[str, dict]]:
+    if stage == "test":
+        out = [(m, arm(base, m)) for m in methods]
+        if "fedit" in methods:
+            out.append(("fedit-shared-head", arm(base, "fedit", head="shared")))
+        return out
+    # tune: CE-LoRA's ablation, then a learning-rate pair per LoRA method
+    out = [("celora", arm(base, "celora")),
+           ("celora-beta0", arm(base, "celora", beta=0.0)),
+           ("celora-beta1", arm(base, "celora", beta=1.0)),
+           ("celora-tau-inf", arm(base, "celora", tau=1e9)),
+           ("celora-frozen-ab", arm(base, "celora", ab_train="frozen")),
+           ("celora-lr_c-1e-1", {**arm(base, "celora"), "train": {**base["train"], "lr": LR["celora"], "lr_c": 1e-1}})]
+    for m in [m for m in methods if m in ("fedit", "ffa")]:  # the two baselines; the others take FedIT's lr
+        out += [(f"{m}-lr-{lr:g}", arm(base, m, lr=lr)) for lr in (1e-3, 3e-3)]
+    return out
+
+
+def rows_from(results: dict, alpha: float) -> list[dict]:
+    rows = []
+    for label, (s, hist) in results.items():
+        n_up = sum(len(r["clients"]) - len(r["dropped"]) for r in hist)
+        rows.append({"alpha": alpha, "arm": label, "method": s["method"], "head": s["head"],
+                     "personal_accuracy": s["personal_accuracy"], "global_accuracy": s["global_accuracy"],
+                     "up_adapter_per_client_round": s["up_raw_adapter_per_client_round"],
+                     "up_head_per_client_round": sum(r["up_raw_head"] for r in hist) / max(1, n_up),
+                     "up_mb": s["up_raw"] / 1e6, "wall_s": s["wall_s"],
+                     "curve": [(r["round"], r["cum_up_raw"] / 1e6, r["personal_accuracy"]) for r in hist
+                               if r.get("personal_accuracy") is not None]})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted({r["alpha"] for r in rows})
+    fig, axes = plt.subplots(len(alphas), 2, figsize=(11, 4 * len(alphas)), squeeze=False)
+    for i, a in enumerate(alphas):
+        for r in [r for r in rows if r["alpha"] == a]:
+            t, up, acc = zip(*r["curve"], strict=True)
+            axes[i, 0].plot(t, acc, marker="o", label=r["arm"])
+            if r["up_mb"] > 0:
+                axes[i, 1].plot(up, acc, marker="o", label=r["arm"])
+        axes[i, 0].set(xlabel="round", ylabel="personalized accuracy", title=f"Dirichlet alpha {a}")
+        axes[i, 1].set(xlabel="cumulative uplink MB (log)", ylabel="personalized accuracy", xscale="log",
+                       title=f"Dirichlet alpha {a}: accuracy vs bytes sent")
+        axes[i, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", choices=["tune", "test"], default="test")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--alphas", default=None, help="default: 0.1,0.5 (test), 0.1 (tune)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="local steps per round")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side, one torch thread each")
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+    rounds = args.rounds or (2 if args.quick else 6)
+    steps = args.steps or (2 if args.quick else 5)
+    alphas = [float(a) for a in (args.alphas or ("0.1,0.5" if args.stage == "test" else "0.1")).split(",")]
+    methods = args.methods.split(",")
+    name = "noniid_personalization" + ("_tune" if args.stage == "tune" else "") + ("_quick" if args.quick else "")
+    out = Path(args.out)
+    rows = []
+    for a in alphas:
+        base = base_config(args.quick, a, rounds, steps, args.stage)
+        arms = arms_for(args.stage, base, methods)
+        rows += rows_from(run_arms(arms, out / name / f"alpha{a}", jobs=1 if args.quick else args.jobs), a)
+    write_json(out / f"{name}.json", {"rounds": rounds, "local_steps": steps, "stage": args.stage, "rows": rows})
+    plot(rows, out / f"{name}.png")
+    for a in alphas:  # the claim, in numbers, per alpha
+        by = {r["arm"]: r for r in rows if r["alpha"] == a}
+        if {"celora", "fedit", "local"} <= by.keys():
+            c, f, loc = by["celora"], by["fedit"], by["local"]
+            print(f"alpha {a}: CE-LoRA - FedIT = {100 * (c['personal_accuracy'] - f['personal_accuracy']):+.1f} pts, "
+                  f"CE-LoRA - local = {100 * (c['personal_accuracy'] - loc['personal_accuracy']):+.1f} pts, "
+                  f"uplink ratio FedIT / CE-LoRA = "
+                  f"{f['up_adapter_per_client_round'] / max(1.0, c['up_adapter_per_client_round']):.0f}")
+    print(f"split: {'validation' if args.stage == 'tune' else 'test'}; {rounds} rounds x {steps} local steps, "
+          f"all clients every round; mean personalized accuracy {np.mean([r['personal_accuracy'] for r in rows]):.3f}")
+    print(markdown(rows, [("alpha", "alpha", "g"), ("arm", "arm", "s"), ("head", "head", "s"),
+                          ("personal_accuracy", "personalized acc", ".3f"), ("global_accuracy", "global acc", ".3f"),
+                          ("up_adapter_per_client_round", "uplink B / client / round (adapter)", ",.0f"),
+                          ("up_head_per_client_round", "head B", ",.0f"), ("up_mb", "uplink MB total", ".2f"),
+                          ("wall_s", "wall s", ".0f")]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Privacy: gradient inversion on each method's real upload, and accuracy vs client-level DP epsilon.
+
+Part 1, token recovery. MiniLM-L6 on `rt-sentiment`. Each method first trains `--warm` rounds
+(so that B != 0 and every factor has a gradient: at LoRA's init B = 0, A's gradient is exactly 0),
+then the server attacks client 0's next upload: one SGD step on one batch of its training data,
+inverted from exactly the tensors the method uploads (FedIT: A, B + head; FFA-LoRA and RoLoRA's
+odd rounds: B + head; FedSA: A; CE-LoRA: C), and from the full fine-tuning gradient of every base
+weight (the most leaky reference). The attacker decodes among the task's tokens (a domain prior).
+Token F1 and ROUGE-L are averaged over `--batches` batches per batch size.
+
+Part 2, accuracy vs epsilon. FedIT, FFA-LoRA, RoLoRA, CE-LoRA with local DP (each client clips its
+upload's delta to S and adds N(0, (sigma S)^2)), sigma in --sigmas; S per method is the median
+delta norm of that method's non-private round-1 uploads (the usual adaptive-clipping choice), so
+every method clips about half its updates. epsilon at delta 1e-5 after all rounds, from Opacus's
+RDP accountant (every client every round: sampling rate 1); CE-LoRA's data descriptor is released
+once with the same noise multiplier (clipped to norm 1) and composed into its epsilon.
+
+    .venv/bin/python benchmarks/privacy.py            # ~30 min on 2 cores
+    .venv/bin/python benchmarks/privacy.py --quick    # tiny random BERT, seconds (test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sweep import markdown, run_arms, write_json
+
+from fedlora.config import build_config
+from fedlora.federation import apply_download, client_fit
+from fedlora.privacy.attack import attack_client
+from fedlora.privacy.dp import delta_norm
+from fedlora.runtime.simulation import Simulation
+
+ATTACKED = ["full", "fedit", "ffa", "rolora", "fedsa", "celora"]
+DP_METHODS = ["fedit", "ffa", "rolora", "celora"]
+LR = {"fedit": 3e-3, "ffa": 3e-3, "rolora": 3e-3, "celora": 3e-3}
+
+
+def base(quick: bool, method: str, rounds: int, steps: int) -> dict:
+    model = {"name": "tiny-bert", "max_length": 16} if quick else {"name": "minilm", "max_length": 32}
+    task = {"name": "synthetic"} if quick else {"name": "rt-sentiment", "max_examples": 3000}
+    return {"seed": 0, "threads": 2, "model": model, "task": task,
+            "partition": {"num_clients": 10 if not quick else 3, "scheme": "dirichlet", "alpha": 0.5},
+            "adapter": {"r": 8 if not quick else 4, "alpha": 16, "target_modules": ["query", "value"]},
+            "method": {"name": "fedit" if method == "full" else method}, "federation": {"rounds": rounds},
+            "train": {"local_steps": steps, "batch_size": 16, "lr": LR.get(method, 3e-3)},
+            "eval": {"every": rounds, "max_global_examples": 400, "max_client_examples": 60, "global_clients": 3},
+            "output": {"save_client_states": False}}
+
+
+def token_recovery(args, out: Path) -> list[dict]:
+    rows = []
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    for m in args.attack_methods.split(","):
+        cfg = base(args.quick, m, args.warm, 3)
+        cfg["name"] = f"attack-{m}"
+        sim = Simulation(build_config(cfg), out / "attack_runs" / m)
+        sim.run()  # warm-up rounds: the attack is on round warm + 1
+        vocab = torch.unique(torch.cat([d.input_ids.flatten() for d in sim.client_train]))
+        for b in sizes:
+            start = time.perf_counter()
+            runs = [attack_client(sim, m, 0, b, i, "sgd", args.attack_steps, vocab=vocab, seed=i)
+                    for i in range(args.batches)]
+            row = {"method": m, "batch_size": b, "batches": len(runs), "observed_numbers": runs[0]["observed_numbers"],
+                   "wall_s": time.perf_counter() - start, "example": {"true": runs[0]["true"][0],
+                                                                      "decoded": runs[0]["decoded"][0]}}
+            row |= {k: float(np.mean([r[k] for r in runs])) for k in ("precision", "recall", "f1", "rouge_l")}
+            rows.append(row)
+            print(f"  attack {m} b={b}: F1 {row['f1']:.3f} ({row['wall_s']:.0f} s)", flush=True)
+    return rows
+
+
+def calibrate_clip(cfg: dict, clients: int) -> float:
+    """Median L2 norm of the non-private round-1 upload deltas of the first `clients` clients."""
+    sim = Simulation(build_config({**cfg, "name": "calibrate"}), None)
+    norms = []
+    for cid in range(clients):
+        dl = sim.server.download(cid, 1)
+        start = apply_download(sim.clients[cid], dl).full()
+        up, _ = client_fit(sim.am, sim.method, sim.clients[cid], dl, sim.train_sets[cid], sim.streams[cid],
+                           sim.cfg.train)
+        norms.append(delta_norm({k: v - start[k] for k, v in up.tensors.items()}))
+    return float(statistics.median(norms))
+
+
+def accuracy_vs_epsilon(args, out: Path) -> list[dict]:
+    sigmas = [float(s) for s in args.sigmas.split(",")]
+    arms, clips = [], {}
+    for m in args.dp_methods.split(","):
+        cfg = base(args.quick, m, args.rounds, args.steps)
+        clips[m] = calibrate_clip(cfg, 3 if args.quick else 5)
+        arms.append((f"{m}-nodp", cfg))
+        for s in sigmas:
+            c = copy.deepcopy(cfg)
+            c["privacy"] = {"dp": "local", "clip": clips[m], "noise_multiplier": s}
+            if m == "celora":  # its data descriptor is released once with the same noise multiplier (in epsilon)
+                c["method"]["celora"] = {"descriptor_sigma": s}
+            arms.append((f"{m}-sigma{s:g}", c))
+    results = run_arms(arms, out / "dp", jobs=1 if args.quick else args.jobs)
+    rows = []
+    for label, (s, hist) in results.items():
+        m, arm = label.split("-", 1)
+        rows.append({"method": m, "sigma": None if arm == "nodp" else float(arm.removeprefix("sigma")),
+                     "clip": clips[m], "epsilon": hist[-1].get("epsilon"),
+                     "personal_accuracy": s["personal_accuracy"], "global_accuracy": s["global_accuracy"],
+                     "wall_s": s["wall_s"]})
+    return rows
+
+
+def plot(rec: list[dict], dp: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    methods = list(dict.fromkeys(r["method"] for r in rec))
+    sizes = sorted({r["batch_size"] for r in rec})
+    width = 0.8 / max(1, len(sizes))
+    for j, b in enumerate(sizes):
+        f1 = [next((r["f1"] for r in rec if r["method"] == m and r["batch_size"] == b), 0.0) for m in methods]
+        ax[0].bar(np.arange(len(methods)) + j * width, f1, width, label=f"batch {b}")
+    ax[0].set_xticks(np.arange(len(methods)) + width * (len(sizes) - 1) / 2, methods)
+    ax[0].set(ylabel="token F1 of the reconstruction", title="gradient inversion on each method's upload")
+    ax[0].legend()
+    for m in dict.fromkeys(r["method"] for r in dp):
+        pts = sorted((r["epsilon"], r["personal_accuracy"]) for r in dp if r["method"] == m and r["sigma"])
+        nodp = next(r["personal_accuracy"] for r in dp if r["method"] == m and r["sigma"] is None)
+        line = ax[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)[0]
+        ax[1].axhline(nodp, ls=":", color=line.get_color())
+    ax[1].set(xlabel="epsilon (delta 1e-5), log", ylabel="personalized accuracy", xscale="log",
+              title="accuracy vs client-level local DP (dotted: no DP)")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--attack-methods", default=",".join(ATTACKED))
+    ap.add_argument("--batch-sizes", default="1,4")
+    ap.add_argument("--batches", type=int, default=None, help="batches attacked per method and size (default 3)")
+    ap.add_argument("--attack-steps", type=int, default=None, help="inversion steps (default 200)")
+    ap.add_argument("--warm", type=int, default=2, help="rounds trained before the attacked round")
+    ap.add_argument("--dp-methods", default=",".join(DP_METHODS))
+    ap.add_argument("--sigmas", default="0.5,2")
+    ap.add_argument("--rounds", type=int, default=None, help="DP runs: rounds (default 4)")
+    ap.add_argument("--steps", type=int, default=None, help="DP runs: local steps (default 5)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--skip", choices=["attack", "dp"], default=None)
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+    args.batches = args.batches or (1 if args.quick else 3)
+    args.attack_steps = args.attack_steps or (20 if args.quick else 200)
+    args.rounds, args.steps = args.rounds or (2 if args.quick else 4), args.steps or (2 if args.quick else 5)
+    if args.quick:
+        args.warm, args.sigmas = 1, "1"
+    name = "privacy" + ("_quick" if args.quick else "")
+    out = Path(args.out) / name
+    rec = [] if args.skip == "attack" else token_recovery(args, out)
+    dp = [] if args.skip == "dp" else accuracy_vs_epsilon(args, out)
+    write_json(Path(args.out) / f"{name}.json", {"token_recovery": rec, "dp": dp, "attack_steps": args.attack_steps})
+    if rec and dp:
+        plot(rec, dp, Path(args.out) / f"{name}.png")
+    if dp:
+        print(markdown(dp, [("method", "method", "s"), ("sigma", "sigma", "g"), ("clip", "clip S", ".3g"),
+                            ("epsilon", "epsilon", ".3g"), ("personal_accuracy", "personalized acc", ".3f"),
+                            ("global_accuracy", "global acc", ".3f"), ("wall_s", "wall s", ".0f")]))
+        print()
+    if rec:
+        print(markdown(rec, [("method", "upload attacked", "s"), ("batch_size", "batch", "d"),
+                             ("batches", "batches", "d"), ("observed_numbers", "numbers seen", ",d"),
+                             ("precision", "token P", ".3f"), ("recall", "token R", ".3f"), ("f1", "token F1", ".3f"),
+                             ("rouge_l", "ROUGE-L", ".3f"), ("wall_s", "wall s", ".0f")]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared by the accuracy benchmarks: run a list of named configs (arms), skip finished ones, print a table.
+
+Each arm is one `Simulation` run in its own folder (`<out>/runs/<label>`); an arm whose summary.json
+exists is read back, not rerun, so an interrupted sweep continues where it stopped. With `jobs` > 1
+the arms run in that many worker processes with one torch thread each: on 2 small cores, two
+one-thread runs side by side get more steps per second than one two-thread run.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+from fedlora.report import read_run
+
+
+def _run_one(job: tuple[str, dict, str]) -> str:
+    label, cfg_dict, run_dir = job
+    import torch
+
+    from fedlora.config import build_config
+    from fedlora.runtime.simulation import Simulation
+
+    if cfg_dict.get("threads"):
+        torch.set_num_threads(cfg_dict["threads"])
+    start = time.perf_counter()
+    Simulation(build_config(cfg_dict), run_dir).run()
+    print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
+    return label
+
+
+def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str, tuple[dict, list[dict]]]:
+    """Run every (label, config dict) not finished yet; return {label: (summary, metrics rows)}."""
+    todo = []
+    for label, cfg in arms:
+        run_dir = out / "runs" / label
+        if not (run_dir / "summary.json").is_file():
+            cfg = {**cfg, "name": label, "output": {**cfg.get("output", {}), "save_client_states": False}}
+            if jobs > 1:
+                cfg["threads"] = 1
+            todo.append((label, cfg, str(run_dir)))
+    print(f"{len(arms) - len(todo)} of {len(arms)} arms finished earlier; running {len(todo)} (jobs={jobs})",
+          flush=True)
+    if jobs > 1 and len(todo) > 1:
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            for _ in pool.imap_unordered(_run_one, todo):
+                pass
+    else:
+        for job in todo:
+            _run_one(job)
+    return {label: read_run(out / "runs" / label) for label, _ in arms}
+
+
+def markdown(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """cols: (key, header, format); a missing or None value prints as '-'."""
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [("-" if r.get(k) is None else format(r[k], f)) for k, _, f in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
