@@ -47,14 +47,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--clients", default=None, help="default 3,20,50 (quick: 2,6)")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--total", type=int, default=None, help="training examples over all clients (default 1600)")
+    ap.add_argument("--total", type=int, default=None, help="training examples over all clients (default 1200)")
     ap.add_argument("--rounds", type=int, default=None, help="default 6")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     counts = [int(c) for c in (args.clients or ("2,6" if args.quick else "3,20,50")).split(",")]
-    total, rounds = args.total or (120 if args.quick else 1600), args.rounds or (2 if args.quick else 6)
+    total, rounds = args.total or (120 if args.quick else 1200), args.rounds or (2 if args.quick else 6)
     name = "client_scaling" + ("_quick" if args.quick else "")
     arms = [(f"{m}-{k}", config(args.quick, m, k, total, rounds, args.lr))
             for k in counts for m in args.methods.split(",")]

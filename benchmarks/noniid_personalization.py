@@ -3,7 +3,7 @@
 MiniLM-L6 on `healthtweets-outlet` (16 outlets), 20 clients, Dirichlet alpha 0.1 and 0.5 on the
 label; every method gets the same data, seed, rounds and local steps. All federated methods keep a
 personal classification head here (the same head policy for all, as CE-LoRA's claim needs; the head
-bytes are reported apart), plus FedIT with a shared head, the usual FedIT. Uplink is the adapter
+bytes are reported apart), plus FedIT with a shared head, the usual FedIT (first alpha only). Uplink is the adapter
 bytes one client sends in one round. The centralized reference trains on the pooled data with the
 same total number of steps per round as the federation (local steps x clients).
 
@@ -31,8 +31,10 @@ import numpy as np
 from sweep import markdown, run_arms, write_json
 
 # learning rates per method: A/B factors, the core C, the head (set from --stage tune; see benchmarks/README.md)
-LR = {"fedit": 1e-3, "ffa": 3e-3, "rolora": 1e-3, "fedsa": 1e-3, "celora": 1e-3, "local": 1e-3, "centralized": 1e-3}
-LR_C = 3e-2
+# winners of --stage tune (2026-11-28): FedIT and FFA-LoRA 3e-3 over 1e-3; RoLoRA, FedSA, local-only and
+# centralized take FedIT's; CE-LoRA's C 0.1 over 3e-2 (its A/B keep 1e-3, not tuned)
+LR = {"fedit": 3e-3, "ffa": 3e-3, "rolora": 3e-3, "fedsa": 3e-3, "celora": 1e-3, "local": 3e-3, "centralized": 3e-3}
+LR_C = 1e-1
 METHODS = ["fedit", "ffa", "rolora", "fedsa", "celora", "local", "centralized"]
 
 
@@ -63,19 +65,24 @@ def arm(base: dict, method: str, head: str | None = "personal", lr: float | None
     return cfg
 
 
-def arms_for(stage: str, base: dict, methods: list[str]) -> list[tuple[str, dict]]:
+def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = True) -> list[tuple[str, dict]]:
     if stage == "test":
         out = [(m, arm(base, m)) for m in methods]
-        if "fedit" in methods:
+        if "fedit" in methods and shared_head:
             out.append(("fedit-shared-head", arm(base, "fedit", head="shared")))
         return out
-    # tune: CE-LoRA's ablation, then a learning-rate pair per LoRA method
-    out = [("celora", arm(base, "celora")),
-           ("celora-beta0", arm(base, "celora", beta=0.0)),
-           ("celora-beta1", arm(base, "celora", beta=1.0)),
-           ("celora-tau-inf", arm(base, "celora", tau=1e9)),
-           ("celora-frozen-ab", arm(base, "celora", ab_train="frozen")),
-           ("celora-lr_c-1e-1", {**arm(base, "celora"), "train": {**base["train"], "lr": LR["celora"], "lr_c": 1e-1}})]
+    # tune: CE-LoRA's ablation, one option changed at a time from the starting point the issue gives
+    # (svd, local A/B, beta 0.5, tau 1, softmax, C lr 3e-2, A/B lr 1e-3), then an lr pair per baseline
+    start = copy.deepcopy(base)
+    start["train"]["lr_c"] = 3e-2
+
+    def ce(**opts) -> dict:
+        return arm(start, "celora", lr=1e-3, **{"tau": 1.0, **opts})
+
+    out = [("celora", ce()), ("celora-beta0", ce(beta=0.0)), ("celora-beta1", ce(beta=1.0)),
+           ("celora-tau-inf", ce(tau=1e9)), ("celora-tau-0.1", ce(tau=0.1)),
+           ("celora-frozen-ab", ce(ab_train="frozen")),
+           ("celora-lr_c-1e-1", {**ce(), "train": {**start["train"], "lr": 1e-3, "lr_c": 1e-1}})]
     for m in [m for m in methods if m in ("fedit", "ffa")]:  # the two baselines; the others take FedIT's lr
         out += [(f"{m}-lr-{lr:g}", arm(base, m, lr=lr)) for lr in (1e-3, 3e-3)]
     return out
@@ -138,7 +145,7 @@ def main() -> None:
     rows = []
     for a in alphas:
         base = base_config(args.quick, a, rounds, steps, args.stage)
-        arms = arms_for(args.stage, base, methods)
+        arms = arms_for(args.stage, base, methods, shared_head=a == alphas[0])  # the usual FedIT: first alpha
         rows += rows_from(run_arms(arms, out / name / f"alpha{a}", jobs=1 if args.quick else args.jobs), a)
     write_json(out / f"{name}.json", {"rounds": rounds, "local_steps": steps, "stage": args.stage, "rows": rows})
     plot(rows, out / f"{name}.png")

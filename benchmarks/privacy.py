@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=None, help="inversion steps (default 200)")
     ap.add_argument("--warm", type=int, default=2, help="rounds trained before the attacked round")
     ap.add_argument("--dp-methods", default=",".join(DP_METHODS))
-    ap.add_argument("--sigmas", default="0.5,2")
+    ap.add_argument("--sigmas", default="0.05,0.3,2")
     ap.add_argument("--rounds", type=int, default=None, help="DP runs: rounds (default 4)")
     ap.add_argument("--steps", type=int, default=None, help="DP runs: local steps (default 5)")
     ap.add_argument("--jobs", type=int, default=2)

@@ -1,7 +1,7 @@
 """Shared by the accuracy benchmarks: run a list of named configs (arms), skip finished ones, print a table.
 
 Each arm is one `Simulation` run in its own folder (`<out>/runs/<label>`); an arm whose summary.json
-exists is read back, not rerun, so an interrupted sweep continues where it stopped. With `jobs` > 1
+exists is read back, not rerun, and one stopped mid-way resumes from its last checkpointed round. With `jobs` > 1
 the arms run in that many worker processes with one torch thread each: on 2 small cores, two
 one-thread runs side by side get more steps per second than one two-thread run.
 """
@@ -26,7 +26,8 @@ def _run_one(job: tuple[str, dict, str]) -> str:
     if cfg_dict.get("threads"):
         torch.set_num_threads(cfg_dict["threads"])
     start = time.perf_counter()
-    Simulation(build_config(cfg_dict), run_dir).run()
+    # an arm stopped mid-way continues after its last checkpointed round
+    Simulation(build_config(cfg_dict), run_dir).run(resume=(Path(run_dir) / "checkpoint.pt").is_file())
     print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
     return label
 
@@ -38,11 +39,12 @@ def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str
         run_dir = out / "runs" / label
         if not (run_dir / "summary.json").is_file():
             cfg = {**cfg, "name": label, "output": {**cfg.get("output", {}), "save_client_states": False}}
-            if jobs > 1:
-                cfg["threads"] = 1
+            cfg["threads"] = 1 if jobs > 1 else cfg.get("threads")
             todo.append((label, cfg, str(run_dir)))
     print(f"{len(arms) - len(todo)} of {len(arms)} arms finished earlier; running {len(todo)} (jobs={jobs})",
           flush=True)
+    if jobs > 1 and len(todo) == 1:  # one arm left: it gets both cores
+        todo[0][1]["threads"] = None
     if jobs > 1 and len(todo) > 1:
         with mp.get_context("spawn").Pool(jobs) as pool:
             for _ in pool.imap_unordered(_run_one, todo):
