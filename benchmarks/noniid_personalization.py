@@ -48,7 +48,7 @@ def base_config(quick: bool, alpha: float, rounds: int, steps: int, stage: str) 
            "adapter": {"r": r, "alpha": 2 * r, "target_modules": ["query", "value"]},
            "federation": {"rounds": rounds},
            "train": {"local_steps": steps, "batch_size": 16, "lr_c": LR_C, "lr_head": 1e-2},
-           "eval": {"every": max(1, rounds // 3), "max_global_examples": 300, "global_clients": 3}}
+           "eval": {"every": max(1, rounds // 2), "max_global_examples": 300, "global_clients": 3}}
     if stage == "tune":
         cfg["partition"]["client_val_fraction"] = 0.2
         cfg["eval"]["split"] = "validation"
@@ -109,17 +109,19 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     alphas = sorted({r["alpha"] for r in rows})
+    color = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["arm"] for r in rows))}  # one colour per arm
     fig, axes = plt.subplots(len(alphas), 2, figsize=(11, 4 * len(alphas)), squeeze=False)
     for i, a in enumerate(alphas):
         for r in [r for r in rows if r["alpha"] == a]:
             t, up, acc = zip(*r["curve"], strict=True)
-            axes[i, 0].plot(t, acc, marker="o", label=r["arm"])
-            if r["up_mb"] > 0:
-                axes[i, 1].plot(up, acc, marker="o", label=r["arm"])
+            axes[i, 0].plot(t, acc, marker="o", label=r["arm"], color=color[r["arm"]])
+            if r["up_mb"] > 0:  # nothing sent: no point on a log axis
+                axes[i, 1].plot(up, acc, marker="o", label=r["arm"], color=color[r["arm"]])
         axes[i, 0].set(xlabel="round", ylabel="personalized accuracy", title=f"Dirichlet alpha {a}")
         axes[i, 1].set(xlabel="cumulative uplink MB (log)", ylabel="personalized accuracy", xscale="log",
                        title=f"Dirichlet alpha {a}: accuracy vs bytes sent")
         axes[i, 0].legend(fontsize=7)
+        axes[i, 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
