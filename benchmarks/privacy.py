@@ -42,11 +42,11 @@ DP_METHODS = ["fedit", "ffa", "rolora", "celora"]
 LR = {"fedit": 3e-3, "ffa": 3e-3, "rolora": 3e-3, "celora": 3e-3}
 
 
-def base(quick: bool, method: str, rounds: int, steps: int) -> dict:
+def base(quick: bool, method: str, rounds: int, steps: int, clients: int = 10) -> dict:
     model = {"name": "tiny-bert", "max_length": 16} if quick else {"name": "minilm", "max_length": 32}
     task = {"name": "synthetic"} if quick else {"name": "rt-sentiment", "max_examples": 3000}
     return {"seed": 0, "threads": 2, "model": model, "task": task,
-            "partition": {"num_clients": 10 if not quick else 3, "scheme": "dirichlet", "alpha": 0.5},
+            "partition": {"num_clients": clients if not quick else 3, "scheme": "dirichlet", "alpha": 0.5},
             "adapter": {"r": 8 if not quick else 4, "alpha": 16, "target_modules": ["query", "value"]},
             "method": {"name": "fedit" if method == "full" else method}, "federation": {"rounds": rounds},
             "train": {"local_steps": steps, "batch_size": 16, "lr": LR.get(method, 3e-3)},
@@ -93,7 +93,7 @@ def accuracy_vs_epsilon(args, out: Path) -> list[dict]:
     sigmas = [float(s) for s in args.sigmas.split(",")]
     arms, clips = [], {}
     for m in args.dp_methods.split(","):
-        cfg = base(args.quick, m, args.rounds, args.steps)
+        cfg = base(args.quick, m, args.rounds, args.steps, args.clients)
         clips[m] = calibrate_clip(cfg, 3 if args.quick else 5)
         arms.append((f"{m}-nodp", cfg))
         for s in sigmas:
@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--sigmas", default="0.05,0.3,2")
     ap.add_argument("--rounds", type=int, default=None, help="DP runs: rounds (default 4)")
     ap.add_argument("--steps", type=int, default=None, help="DP runs: local steps (default 5)")
+    ap.add_argument("--clients", type=int, default=10, help="DP runs: clients")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--skip", choices=["attack", "dp"], default=None)
     ap.add_argument("--out", default="benchmarks/out")
