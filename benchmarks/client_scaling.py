@@ -20,7 +20,7 @@ import argparse
 import math
 from pathlib import Path
 
-from sweep import markdown, run_arms, write_json
+from sweep import markdown, run_arms, save_figure, write_json
 
 METHODS = ["fedit", "ffa", "rolora"]
 
@@ -99,9 +99,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax[1].set(xlabel="round", ylabel="global accuracy", title="accuracy vs round")
     ax[0].legend()
     ax[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

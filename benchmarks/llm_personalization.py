@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sweep import markdown, run_arms, write_json
+from sweep import markdown, run_arms, save_figure, write_json
 
 METHODS = ["fedit", "ffa", "rolora", "celora", "local"]
 CATEGORIES = ["trivia", "emotion", "conversations", "AI", "coding", "psychology", "literature", "computers"]
@@ -98,9 +98,7 @@ def plot(rows: list[dict], path: Path) -> None:
               title="greedy answers vs bytes sent")
     ax[0].legend(fontsize=8)
     ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

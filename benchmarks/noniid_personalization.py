@@ -28,7 +28,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
-from sweep import markdown, run_arms, write_json
+from sweep import markdown, run_arms, save_figure, write_json
 
 # learning rates per method: A/B factors, the core C, the head (set from --stage tune; see benchmarks/README.md)
 # winners of --stage tune (2026-11-28): FedIT and FFA-LoRA 3e-3 over 1e-3; RoLoRA, FedSA, local-only and
@@ -122,9 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
                        title=f"Dirichlet alpha {a}: accuracy vs bytes sent")
         axes[i, 0].legend(fontsize=7)
         axes[i, 1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sweep import markdown, run_arms, write_json
+from sweep import markdown, run_arms, save_figure, write_json
 
 from fedlora.config import build_config
 from fedlora.federation import apply_download, client_fit
@@ -137,9 +137,7 @@ def plot(rec: list[dict], dp: list[dict], path: Path) -> None:
     ax[1].set(xlabel="epsilon (delta 1e-5), log", ylabel="personalized accuracy", xscale="log",
               title="accuracy vs client-level local DP (dotted: no DP)")
     ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
