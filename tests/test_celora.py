@@ -294,3 +294,12 @@ def test_peft_export_reproduces_client_logits(tmp_path):
         theirs = model(**batch).logits
     assert (ours - plain).abs().max() > 1e-3  # the adapter and head changed the model
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_beta_zero_sends_no_descriptor(tmp_path):
+    with_desc = celora(tmp_path / "a", rounds=1)
+    without = celora(tmp_path / "b", rounds=1, beta=0.0)
+    assert with_desc.method.extra_upload_bytes(0, 1) > 0
+    assert without.method.extra_upload_bytes(0, 1) == 0 and without.method.s_data is None
+    row = without.run_round(1)  # the data similarity is not needed to aggregate
+    assert row["up_raw_other"] == 0
