@@ -37,7 +37,7 @@ def config(quick: bool, method: str, clients: int, total: int, rounds: int, lr: 
             "adapter": {"r": 2, "alpha": 16, "target_modules": ["query", "value"]},
             "method": {"name": method, "head": "shared"}, "federation": {"rounds": rounds},
             # one local epoch per round: equal compute per round at every client count
-            "train": {"local_steps": max(1, round(total / clients / batch)), "batch_size": batch, "lr": lr},  # = rows
+            "train": {"local_steps": max(1, round(total / clients / batch)), "batch_size": batch, "lr": lr},
             "eval": {"every": max(1, rounds // 3), "max_global_examples": 600, "max_client_examples": 8,
                      "global_clients": 1}}
 
@@ -58,12 +58,13 @@ def main() -> None:
     name = "client_scaling" + ("_quick" if args.quick else "")
     arms = [(f"{m}-{k}", config(args.quick, m, k, total, rounds, args.lr))
             for k in counts for m in args.methods.split(",")]
+    configs = dict(arms)
     results = run_arms(arms, Path(args.out) / name, jobs=1 if args.quick else args.jobs)
     rows = []
     for label, (s, hist) in results.items():
         m, k = label.rsplit("-", 1)
         rows.append({"method": m, "clients": int(k), "global_accuracy": s["global_accuracy"],
-                     "local_steps": max(1, round(total / int(k) / 16)),
+                     "local_steps": configs[label]["train"]["local_steps"],
                      "up_mb": s["up_raw"] / 1e6, "wall_s": s["wall_s"],
                      "curve": [(r["round"], r["global_accuracy"]) for r in hist
                                if r.get("global_accuracy") is not None]})

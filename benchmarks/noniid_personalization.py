@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from sweep import markdown, run_arms, save_figure, write_json
 
+from fedlora.report import head_bytes_per_upload
+
 # learning rates per method: A/B factors, the core C, the head (set from --stage tune; see benchmarks/README.md)
 # winners of --stage tune (2026-11-28): FedIT and FFA-LoRA 3e-3 over 1e-3; RoLoRA, FedSA, local-only and
 # centralized take FedIT's; CE-LoRA's C 0.1 over 3e-2 (its A/B keep 1e-3, not tuned)
@@ -91,11 +93,10 @@ def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = Tru
 def rows_from(results: dict, alpha: float) -> list[dict]:
     rows = []
     for label, (s, hist) in results.items():
-        n_up = sum(len(r["clients"]) - len(r["dropped"]) for r in hist)
         rows.append({"alpha": alpha, "arm": label, "method": s["method"], "head": s["head"],
                      "personal_accuracy": s["personal_accuracy"], "global_accuracy": s["global_accuracy"],
                      "up_adapter_per_client_round": s["up_raw_adapter_per_client_round"],
-                     "up_head_per_client_round": sum(r["up_raw_head"] for r in hist) / max(1, n_up),
+                     "up_head_per_client_round": head_bytes_per_upload(hist),
                      "up_mb": s["up_raw"] / 1e6, "wall_s": s["wall_s"],
                      "curve": [(r["round"], r["cum_up_raw"] / 1e6, r["personal_accuracy"]) for r in hist
                                if r.get("personal_accuracy") is not None]})

@@ -15,6 +15,12 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return summary, rows
 
 
+def head_bytes_per_upload(rows: list[dict]) -> float:
+    """Mean raw head bytes in one client's upload over a run's rounds (0 with personal heads)."""
+    n_up = sum(len(r["clients"]) - len(r["dropped"]) for r in rows)
+    return sum(r["up_raw_head"] for r in rows) / max(1, n_up)
+
+
 def _mean_std(xs: list[float]) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -35,8 +41,7 @@ def markdown_table(runs: list[tuple[dict, list[dict]]]) -> str:
     lines = [head]
     for method, group in group_by_method(runs).items():
         s0, rows0 = group[0]
-        n_up = [sum(len(r["clients"]) - len(r["dropped"]) for r in rows) for _, rows in group]
-        head_per = [sum(r["up_raw_head"] for r in rows) / max(1, n) for (_, rows), n in zip(group, n_up, strict=True)]
+        head_per = [head_bytes_per_upload(rows) for _, rows in group]
         lines.append(
             f"| {method} | {s0['head']} | {_mean_std([s['global_accuracy'] for s, _ in group])} "
             f"| {_mean_std([s['personal_accuracy'] for s, _ in group])} "
