@@ -8,9 +8,11 @@ bytes one client sends in one round. The centralized reference trains on the poo
 same total number of steps per round as the federation (local steps x clients).
 
 Two stages, on different data:
-  --stage tune   CE-LoRA's options (beta 0 / 0.5 / 1, tau -> inf, frozen vs local A/B, C lr) and each
-                 method's learning rate, scored on a validation split carved from the clients' train
-                 data (the test splits are never read): the ablation table.
+  --stage tune   CE-LoRA's ablation (FedAvg of C, data-only, parameter-only, both, learned; self-weight
+                 0.2 / 0.5 / 0.8 / 0.95 / auto; tau; overall vs per-class descriptor; frozen, local,
+                 warm-up A/B and frozen A/B at 4r; A/B lr), local-only, and each baseline's learning rate,
+                 scored on a validation split carved from the clients' train data (the test splits are
+                 never read). Rows show the mean self-weight, collaborators 1 / sum_j w_ij^2, descriptor bytes.
   --stage test   every method with its tuned options, scored on the clients' test splits.
 
     .venv/bin/python benchmarks/noniid_personalization.py --stage tune
@@ -73,18 +75,26 @@ def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = Tru
         if "fedit" in methods and shared_head:
             out.append(("fedit-shared-head", arm(base, "fedit", head="shared")))
         return out
-    # tune: CE-LoRA's ablation, one option changed at a time from the starting point the issue gives
-    # (svd, local A/B, beta 0.5, tau 1, softmax, C lr 3e-2, A/B lr 1e-3), then an lr pair per baseline
+    # tune: CE-LoRA's ablation, one option changed at a time from the defaults (svd, local A/B, beta 0.5,
+    # tau 1 on z-scored similarities, self_weight 0.5, softmax, overall descriptor, C lr 0.1, A/B lr 1e-3),
+    # then an lr pair per baseline
     start = copy.deepcopy(base)
-    start["train"]["lr_c"] = 3e-2
 
     def ce(**opts) -> dict:
-        return arm(start, "celora", lr=1e-3, **{"tau": 1.0, **opts})
+        return arm(start, "celora", lr=1e-3, **opts)
 
-    out = [("celora", ce()), ("celora-beta0", ce(beta=0.0)), ("celora-beta1", ce(beta=1.0)),
-           ("celora-tau-inf", ce(tau=1e9)), ("celora-tau-0.1", ce(tau=0.1)),
-           ("celora-frozen-ab", ce(ab_train="frozen")),
-           ("celora-lr_c-1e-1", {**ce(), "train": {**start["train"], "lr": 1e-3, "lr_c": 1e-1}})]
+    wide = copy.deepcopy(start)
+    wide["adapter"] = {**wide["adapter"], "r": 4 * wide["adapter"]["r"], "alpha": 8 * wide["adapter"]["r"]}
+    out = [("celora", ce()), ("celora-fedavg-c", ce(weights="fedavg")),
+           ("celora-data-only", ce(beta=1.0)), ("celora-param-only", ce(beta=0.0)),
+           ("celora-learned", ce(weights="learned")),
+           *[(f"celora-self-{lam}", ce(self_weight=lam)) for lam in (0.2, 0.8, 0.95, "auto")],
+           ("celora-tau-0.3", ce(tau=0.3)), ("celora-per-class", ce(descriptor="per_class")),
+           ("celora-frozen-ab", ce(ab_train="frozen")), ("celora-warmup-ab", ce(ab_train="warmup")),
+           ("celora-frozen-ab-4r", arm(wide, "celora", lr=1e-3, ab_train="frozen")),
+           ("celora-lr_ab-3e-3", ce() | {"train": {**start["train"], "lr": 3e-3}})]
+    if "local" in methods:
+        out.append(("local", arm(base, "local")))
     for m in [m for m in methods if m in ("fedit", "ffa")]:  # the two baselines; the others take FedIT's lr
         out += [(f"{m}-lr-{lr:g}", arm(base, m, lr=lr)) for lr in (1e-3, 3e-3)]
     return out
@@ -98,6 +108,11 @@ def rows_from(results: dict, alpha: float) -> list[dict]:
                      "up_adapter_per_client_round": s["up_raw_adapter_per_client_round"],
                      "up_head_per_client_round": head_bytes_per_upload(hist),
                      "up_mb": s["up_raw"] / 1e6, "wall_s": s["wall_s"],
+                     "descriptor_bytes": sum(r.get("up_raw_other", 0) for r in hist),
+                     "self_weight": next((r["celora_self_weight"] for r in reversed(hist) if "celora_self_weight" in r),
+                                         None),
+                     "collaborators": next((r["celora_collaborators"] for r in reversed(hist)
+                                            if "celora_collaborators" in r), None),
                      "curve": [(r["round"], r["cum_up_raw"] / 1e6, r["personal_accuracy"]) for r in hist
                                if r.get("personal_accuracy") is not None]})
     return rows
@@ -164,6 +179,8 @@ def main() -> None:
                           ("personal_accuracy", "personalized acc", ".3f"), ("global_accuracy", "global acc", ".3f"),
                           ("up_adapter_per_client_round", "uplink B / client / round (adapter)", ",.0f"),
                           ("up_head_per_client_round", "head B", ",.0f"), ("up_mb", "uplink MB total", ".2f"),
+                          ("descriptor_bytes", "descriptor B total", ",.0f"), ("self_weight", "mean w_ii", ".2f"),
+                          ("collaborators", "collaborators", ".1f"),
                           ("wall_s", "wall s", ".0f")]))
 
 

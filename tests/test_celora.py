@@ -40,7 +40,8 @@ def record(sim):
     def a(t, uploads):
         aggregate(t, uploads)
         st = sim.server.extra["celora"]
-        after[t] = {"uploads": uploads, "cbar": {i: c for i, (r, c) in st["cbar"].items() if r == t},
+        after[t] = {"uploads": uploads,
+                    "cbar": {i: sim.method.unflatten(st, c) for i, (r, c) in st["cbar"].items() if r == t},
                     "weights": sim.method.last_weights}
 
     sim.server.validate, sim.server.aggregate = v, a
@@ -66,15 +67,17 @@ def test_upload_is_c_only_r_squared_per_matrix(tmp_path, head):
         assert (row["up_raw_head"] == 0) == (head == "personal")
         assert not row["rejected"]
     assert rows[1]["down_raw_adapter"] == c_bytes * sim.num_clients  # round 2: each client its own C̄
-    # the descriptor: histogram (L) + present classes (int64) + mean and var (present × hidden), float32
+    # the descriptor (default overall): histogram (L) + feature mean and var (hidden each), float32
     hidden, labels = sim.am.model.config.hidden_size, sim.task.num_labels
-    for cid, d in enumerate(sim.method.descriptors):
+    descs = sim.server.extra["celora"]["descriptors"]
+    assert sorted(descs) == list(range(sim.num_clients))
+    for cid, (t, d) in descs.items():
+        assert t == 1
         counts = torch.bincount(sim.client_train[cid].labels, minlength=labels).float()
         torch.testing.assert_close(d["hist"], counts / counts.sum())
-        m = len(d["classes"])
-        assert sim.method.descriptor_bytes[cid] == labels * 4 + m * 8 + 2 * m * hidden * 4
-    # ... is uplink in round 1 only, counted in the totals apart from the adapter and head columns
-    assert rows[0]["up_raw_other"] == sum(sim.method.descriptor_bytes.values()) > 0
+        assert sim.method.charged[cid] == (1, labels * 4 + 2 * hidden * 4)
+    # ... is uplink in the round it is sent, counted in the totals apart from the adapter and head columns
+    assert rows[0]["up_raw_other"] == sum(b for _, b in sim.method.charged.values()) > 0
     assert rows[0]["up_raw"] == rows[0]["up_raw_adapter"] + rows[0]["up_raw_head"] + rows[0]["up_raw_other"]
     assert rows[1]["up_raw_other"] == 0 and rows[1]["up_raw"] == rows[1]["up_raw_adapter"] + rows[1]["up_raw_head"]
     # each round's weight matrix is saved in the run directory
@@ -83,8 +86,8 @@ def test_upload_is_c_only_r_squared_per_matrix(tmp_path, head):
     np.testing.assert_allclose(saved["weights"].sum(1), 1.0)
 
 
-def test_frozen_ab_identical_everywhere_and_huge_tau_is_fedavg(tmp_path):
-    sim = celora(tmp_path, rounds=2, ab_train="frozen", tau=1e9)
+def test_frozen_ab_identical_everywhere_and_fedavg_variant(tmp_path):
+    sim = celora(tmp_path, rounds=2, ab_train="frozen", weights="fedavg")
     _, after = record(sim)
     ab = sim.am.keys({"A", "B"})
     init = {k: sim.init_state[k] for k in ab}
@@ -101,13 +104,26 @@ def test_frozen_ab_identical_everywhere_and_huge_tau_is_fedavg(tmp_path):
         n = torch.tensor([u.n_examples for u in ups], dtype=torch.float64)
         assert len(set(n.tolist())) > 1  # unequal clients: a plain mean would fail below
         np.testing.assert_allclose(rec["weights"]["weights"], np.tile((n / n.sum()).numpy(), (len(ups), 1)),
-                                   atol=1e-6)
+                                   atol=1e-12)
         for k in ups[0].tensors:
             fedavg = sum((ni / n.sum()) * u.tensors[k].double() for ni, u in zip(n, ups, strict=True))
             plain = torch.stack([u.tensors[k].double() for u in ups]).mean(0)
             assert (fedavg - plain).abs().max() > 1e-7
             for cid in rec["cbar"]:
                 torch.testing.assert_close(rec["cbar"][cid][k].double(), fedavg, atol=1e-6, rtol=0)
+
+
+def test_cbar_is_the_weighted_sum_of_uploads_per_key(tmp_path):
+    """The vectorised aggregation: C̄_i[k] = Σ_j w_ij C_j[k] for every client and key."""
+    sim = celora(tmp_path, rounds=2, partition={**DIRICHLET, "num_clients": 4})
+    _, after = record(sim)
+    sim.run()
+    rec = after[2]
+    w, ups = rec["weights"]["weights"], rec["uploads"]
+    for row, i in enumerate(rec["weights"]["clients"]):
+        for k in ups[0].tensors:
+            want = sum(w[row, j] * u.tensors[k].double() for j, u in enumerate(ups))
+            torch.testing.assert_close(rec["cbar"][i][k].double(), want, atol=1e-6, rtol=0)
 
 
 def test_delta_c_is_measured_from_what_each_client_started_with(tmp_path):
@@ -175,7 +191,7 @@ def test_disjoint_label_groups_weigh_their_own_group(tmp_path, monkeypatch, beta
     group = np.array(lw["clients"]) // 3
     same = (group[:, None] == group[None, :]) & ~np.eye(6, dtype=bool)
     if beta == 1.0:  # the data similarity alone separates the groups, pair by pair
-        s = sim.method.s_data
+        s = sim.method.s_data(sim.server, lw["clients"])
         for i in range(6):
             assert s[i, same[i]].min() > s[i, ~same[i] & (group != group[i])].max()
     else:  # ΔC of round 3 (relative to each client's C̄): more alike within a group than across
@@ -191,16 +207,75 @@ def test_similarity_functions():
     np.testing.assert_allclose(s, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
     proj = sim_fn.project_simplex(np.array([[0.9, 0.6, -1.0], [0.2, 0.2, 0.2]]))
     np.testing.assert_allclose(proj, [[0.65, 0.35, 0.0], [1 / 3, 1 / 3, 1 / 3]])
-    w0 = sim_fn.combine_weights(np.eye(3), np.eye(3), 0.5, 1.0, [10, 20, 30])
-    np.testing.assert_allclose(w0.sum(1), 1.0)
-    assert w0[0, 0] > 10 / 60  # self gets more than its example share
-    np.testing.assert_allclose(sim_fn.combine_weights(np.eye(3), np.eye(3), 0.5, 1e9, [10, 20, 30])[1],
-                               [1 / 6, 2 / 6, 3 / 6], atol=1e-8)
-    x = np.random.default_rng(0).normal(size=(3, 8))
-    w = sim_fn.refine_weights(w0, x, lam=0.1, steps=50, lr=0.1)
+    z = sim_fn.zscore_others(np.array([[1.0, 0.2, 0.4], [0.2, 1.0, 0.2], [0.4, 0.2, 1.0]]))
+    np.testing.assert_allclose(z, [[0, -1, 1], [0, 0, 0], [1, -1, 0]])  # the diagonal never counts
+
+
+def test_self_weight_is_the_configured_lambda_and_the_rest_is_a_softmax_over_others():
+    rng = np.random.default_rng(0)
+    s = rng.uniform(size=(5, 5))
+    s = (s + s.T) / 2
+    np.fill_diagonal(s, 1.0)  # S_ii = 1: it must not matter
+    n = np.array([10, 20, 30, 40, 50])
+    w = sim_fn.combine_weights(s, s, 1.0, 0.5, n, self_weight=0.3)
+    np.testing.assert_allclose(np.diag(w), 0.3)
+    np.testing.assert_allclose(w.sum(1), 1.0)
+    z = sim_fn.zscore_others(s)
+    for i in range(5):
+        others = [j for j in range(5) if j != i]
+        logit = z[i, others] / 0.5 + np.log(n[others] / n.sum())
+        np.testing.assert_allclose(w[i, others], 0.7 * np.exp(logit) / np.exp(logit).sum())
+    assert (1 / (w**2).sum(1) > 1).all()  # more than one collaborator
+    # τ → ∞: the others by example share
+    big = sim_fn.combine_weights(s, s, 1.0, 1e9, n, self_weight=0.3)
+    np.testing.assert_allclose(big[0, 1:], 0.7 * n[1:] / n[1:].sum())
+    # auto: self scored as its most similar other -> strictly between 0 and 1, and the same as that other's raw
+    auto = sim_fn.combine_weights(s, s, 1.0, 0.5, n, self_weight="auto")
+    np.testing.assert_allclose(auto.sum(1), 1.0)
+    for i in range(5):
+        others = [j for j in range(5) if j != i]
+        best = others[int(np.argmax(z[i, others]))]
+        assert 0 < auto[i, i] < 1
+        assert auto[i, i] / auto[i, best] == pytest.approx(n[i] / n[best])
+
+
+def test_learned_objective_is_not_minimised_at_local():
+    """The alignment objective lives on the others: the self-weight stays λ, and weight moves onto the other
+    whose update points where client 0's does, away from the similarity prior."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=16)
+    delta = np.stack([base, base + 0.1 * rng.normal(size=16), -base, rng.normal(size=16)])
+    w0 = sim_fn.combine_weights(np.full((4, 4), 0.5), np.full((4, 4), 0.5), 0.5, 1.0, [1, 1, 1, 1], 0.4)
+    np.testing.assert_allclose(w0[0, 1:], 0.2)  # uniform prior over the others
+    w = sim_fn.refine_others(w0, delta, mu=0.1, steps=50, lr=0.1)
+    np.testing.assert_allclose(np.diag(w), 0.4)
     np.testing.assert_allclose(w.sum(1), 1.0)
     assert (w >= 0).all()
-    assert (sim_fn.objective(w, x, w0, 0.1) < sim_fn.objective(w0, x, w0, 0.1) - 1e-3).all()
+    assert w[0, 1] > w0[0, 1] + 0.1 and w[0, 2] < w0[0, 2]
+    u, u0 = (np.where(np.eye(4, dtype=bool), 0, x) / 0.6 for x in (w, w0))
+    assert (sim_fn.align_objective(u, delta, u0, 0.1) < sim_fn.align_objective(u0, delta, u0, 0.1) - 1e-3).all()
+
+
+def test_per_class_distance_compares_a_class_with_the_same_class():
+    """Two clients with identical class-conditional features but different label mixtures: per class their
+    features agree (F = 0), while the overall Gaussians differ."""
+    rng = np.random.default_rng(0)
+    f0, f1 = torch.tensor(rng.normal(0, 1, (40, 6))), torch.tensor(rng.normal(3, 1, (40, 6)))
+    lab = torch.tensor([0] * 40 + [1] * 40)
+    a = (torch.cat([f0, f1[:10]]), lab[:50])  # mostly class 0
+    b = (torch.cat([f0[:10], f1]), torch.tensor([0] * 10 + [1] * 40))  # mostly class 1
+    per = [sim_fn.data_descriptor(f, y, 2, "per_class") for f, y in (a, b)]
+    per[1]["mean"], per[1]["var"] = per[0]["mean"], per[0]["var"]  # the same class statistics exactly
+    overall = [sim_fn.data_descriptor(f, y, 2, "overall") for f, y in (a, b)]
+    assert sim_fn.feature_distance(per)[0, 1] == pytest.approx(0.0, abs=1e-9)
+    assert sim_fn.feature_distance(overall)[0, 1] > 1.0
+    assert overall[0]["mean"].shape == (6,) and per[0]["mean"].shape == (2, 6)
+    # a pair with no class in common gets the largest F of the pairs that share one
+    c = sim_fn.data_descriptor(f1[:20], torch.tensor([1] * 20), 3, "per_class")
+    d = sim_fn.data_descriptor(f0[:20] + 9, torch.tensor([2] * 20), 3, "per_class")
+    e = sim_fn.data_descriptor(f1[20:], torch.tensor([1] * 20), 3, "per_class")
+    f = sim_fn.feature_distance([c, d, e])
+    assert f[0, 1] == f[1, 2] == f[0, 2] > 0
 
 
 def test_centered_param_similarity_removes_a_shared_drift():
@@ -215,14 +290,88 @@ def test_centered_param_similarity_removes_a_shared_drift():
 
 
 def test_learned_weights_run(tmp_path):
-    sim = celora(tmp_path, rounds=2, weights="learned", learned_steps=10, learned_lambda=0.1)
+    sims = {w: celora(tmp_path / w, rounds=2, partition={**DIRICHLET, "num_clients": 4}, weights=w,
+                      learned_steps=10, learned_lambda=0.1) for w in ("softmax", "learned")}
+    for sim in sims.values():
+        sim.run()
+    soft, learned = (sims[k].method.last_weights["weights"] for k in ("softmax", "learned"))
+    np.testing.assert_allclose(learned.sum(1), 1.0)
+    np.testing.assert_allclose(np.diag(learned), 0.5)  # the self-weight is not what is learned
+    assert np.abs(learned - soft).max() > 1e-3  # the refinement moved the others' weights
+
+
+def test_metrics_row_shows_the_sharing(tmp_path):
+    rows = {}
+    for lam in (0.3, "auto"):
+        sim = celora(tmp_path / str(lam), rounds=2, partition={**DIRICHLET, "num_clients": 4}, self_weight=lam)
+        sim.run()
+        rows[lam] = [json.loads(x) for x in (sim.run_dir / "metrics.jsonl").read_text().splitlines()]
+        w = sim.method.last_weights["weights"]
+        assert rows[lam][-1]["celora_self_weight"] == pytest.approx(np.diag(w).mean())
+        assert rows[lam][-1]["celora_collaborators"] == pytest.approx(np.mean(1 / (w**2).sum(1)))
+    assert all(r["celora_self_weight"] == pytest.approx(0.3) for r in rows[0.3])
+    assert all(r["celora_collaborators"] > 1.5 for r in rows[0.3])
+    assert all(0 < r["celora_self_weight"] < 0.9 for r in rows["auto"])
+
+
+def test_descriptor_charged_once_per_client_that_took_part(tmp_path):
+    """4 clients, 2 per round: each descriptor is charged in the round its client first takes part, and a
+    client that never takes part sends none and is not in the data similarity."""
+    sim = make_sim(tmp_path, method={"name": "celora"}, partition={**DIRICHLET, "num_clients": 4},
+                   federation={"rounds": 3, "clients_per_round": 2})
+    order = iter([[0, 1], [1, 2], [0, 2]])  # client 2 first takes part in round 2, client 3 never
+    sim.server.sample = lambda: next(order)
     sim.run()
-    w = sim.method.last_weights["weights"]
-    np.testing.assert_allclose(w.sum(1), 1.0)
-    # refining towards ||C_i - Σ w C_j|| pulls weight onto the client itself
-    w0 = sim_fn.combine_weights(sim.method.last_weights["s_data"], sim.method.last_weights["s_param"],
-                                0.5, 1.0, [len(d) for d in sim.train_sets])
-    assert (np.diag(w) > np.diag(w0)).all()
+    rows = [json.loads(x) for x in (sim.run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = {}
+    for r in rows:
+        for c in r["clients"]:
+            first.setdefault(c, r["round"])
+    assert first == {0: 1, 1: 1, 2: 2}
+    size = sim.method.charged[next(iter(first))][1]
+    assert size > 0 and all(b == size for _, b in sim.method.charged.values())
+    assert sum(r["up_raw_other"] for r in rows) == size * len(first)
+    for t in (1, 2, 3):
+        assert rows[t - 1]["up_raw_other"] == size * sum(1 for v in first.values() if v == t)
+    assert sorted(sim.server.extra["celora"]["descriptors"]) == sorted(first)
+    never = ({0, 1, 2, 3} - set(first)).pop()
+    assert np.isnan(sim.method.s_data(sim.server, [never, *first])[0, 1:]).all()
+
+
+def test_newcomer_gets_cbar_from_data_similarity(tmp_path, monkeypatch):
+    two_groups(monkeypatch)
+    sim = celora(tmp_path, rounds=2, partition={"num_clients": 6, "scheme": "iid"}, beta=1.0)
+    order = iter([[0, 1, 3, 4], [2]])
+    sim.server.sample = lambda: next(order)
+    sim.run_round(1)
+    st = sim.server.extra["celora"]
+    assert sim.method.needs_descriptor(sim.server, 2)  # not described yet: the plain FedAvg C
+    fedavg = sim.method.unflatten(st, st["fedavg"][1])
+    assert all(torch.equal(v, fedavg[k]) for k, v in sim.method.download(sim.server, 2, 2).items())
+    sim.send_descriptor(2, 2)
+    dl = sim.method.download(sim.server, 2, 2)
+    seen = [0, 1, 3, 4]
+    s = sim.method.s_data(sim.server, [2, *seen])
+    n = np.array([st["last"][j][0] for j in seen], dtype=float)
+    logit = sim_fn.zscore_others(s)[0, 1:] + np.log(n / n.sum())
+    w = np.exp(logit) / np.exp(logit).sum()
+    assert w[:2].sum() > 0.8  # its own label group
+    want = sim.method.unflatten(st, (torch.from_numpy(w) @ torch.stack([st["last"][j][1] for j in seen]).double()))
+    for k, v in want.items():
+        torch.testing.assert_close(dl[k].double(), v, atol=1e-6, rtol=0)
+        assert (dl[k] - fedavg[k]).abs().max() > 1e-6
+    row = sim.run_round(2)
+    assert row["up_raw_other"] == sim.method.charged[2][1] and sim.method.charged[2][0] == 2
+
+
+def test_warmup_trains_ab_then_freezes(tmp_path):
+    sim = celora(tmp_path, rounds=3, ab_train="warmup", ab_warmup_rounds=1)
+    ab = sim.am.keys({"A", "B"})
+    states = []
+    sim.run(on_round=lambda row: states.append({k: sim.clients[0].personal[k].clone() for k in ab}))
+    assert any(not torch.equal(states[0][k], sim.init_state[k]) for k in ab)  # trained in round 1
+    assert all(torch.equal(states[0][k], states[2][k]) for k in ab)  # frozen after
+    assert sim.method.train_factors(1) == {"A", "B", "C"} and sim.method.train_factors(2) == {"C"}
 
 
 SVD_SCRIPT = textwrap.dedent("""
@@ -299,7 +448,8 @@ def test_peft_export_reproduces_client_logits(tmp_path):
 def test_beta_zero_sends_no_descriptor(tmp_path):
     with_desc = celora(tmp_path / "a", rounds=1)
     without = celora(tmp_path / "b", rounds=1, beta=0.0)
-    assert with_desc.method.extra_upload_bytes(0, 1) > 0
-    assert without.method.extra_upload_bytes(0, 1) == 0 and without.method.s_data is None
+    assert with_desc.method.needs_descriptor(with_desc.server, 0)
+    assert not without.method.needs_descriptor(without.server, 0)
+    assert with_desc.run_round(1)["up_raw_other"] > 0
     row = without.run_round(1)  # the data similarity is not needed to aggregate
-    assert row["up_raw_other"] == 0
+    assert row["up_raw_other"] == 0 and not without.server.extra["celora"]["descriptors"]

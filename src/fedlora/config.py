@@ -6,7 +6,7 @@ Every section forbids unknown fields, so a misspelled key fails with one line na
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -61,15 +61,22 @@ class AdapterConfig(_Section):
 
 class CELoRAConfig(_Section):
     ab_init: Literal["svd", "random"] = "svd"
-    ab_train: Literal["frozen", "local"] = "local"
+    # frozen: A, B never train (C means the same on every client); local: they train and stay personal;
+    # warmup: they train in rounds 1..ab_warmup_rounds of the run, then freeze
+    ab_train: Literal["frozen", "local", "warmup"] = "local"
+    ab_warmup_rounds: int = Field(2, ge=0)
     beta: float = Field(0.5, ge=0, le=1)  # weight of data-space vs parameter-space similarity
-    # softmax temperature; very large -> plain FedAvg of C. 0.1 won on validation (benchmarks/README.md):
-    # the similarities lie in [0, 1], so at tau 1 the weights barely depart from FedAvg
-    tau: float = Field(0.1, gt=0)
-    weights: Literal["softmax", "learned"] = "softmax"
+    # the others' softmax temperature, on z-scored similarities (unit spread per row); large -> by example share
+    tau: float = Field(1.0, gt=0)
+    # w_ii: a number (untuned default 0.5), or auto (self scored as its most similar other)
+    self_weight: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = 0.5
+    # softmax; learned: the others' weights refined by alignment with the client's update; fedavg: plain FedAvg of C
+    weights: Literal["softmax", "learned", "fedavg"] = "softmax"
     learned_steps: int = Field(20, ge=0)
-    learned_lambda: float = Field(1.0, ge=0)
+    learned_lambda: float = Field(1.0, ge=0)  # pull towards the softmax weights
     learned_lr: float = Field(0.1, gt=0)
+    # what the data descriptor holds: overall feature mean and variance (2 x hidden numbers), or per class
+    descriptor: Literal["overall", "per_class"] = "overall"
     # the data descriptor's private release: clip it to L2 norm descriptor_clip, add N(0, (sigma·clip)²);
     # with privacy.dp on, its (sigma, 1 release) is composed into the run's epsilon
     descriptor_sigma: float = Field(0.0, ge=0)

@@ -138,13 +138,13 @@ class Server:
                 down[k] += v
         accepted, rejected, losses = [], [], []
         dropped = [cid for cid in downloads if uploads.get(cid) is None]
-        extra = 0
+        # bytes sent besides the tensors (CE-LoRA's descriptor, sent before the download): every client asked
+        extra = sum(self.method.extra_upload_bytes(cid, t) for cid in downloads)
         for cid, upload in uploads.items():
             if upload is None:
                 continue
             for k, v in payload_bytes(upload.tensors).items():
                 up[k] += v
-            extra += self.method.extra_upload_bytes(cid, t)
             if "train_loss" in upload.metrics:
                 losses.append(upload.metrics["train_loss"])
             reason = self.validate(upload, t)
@@ -172,7 +172,8 @@ class Server:
                 "up_raw_other": extra,
                 **{f"up_{k}": v for k, v in up.items()}, **{f"down_{k}": v for k, v in down.items()},
                 "up_raw_adapter_per_client": up["raw_adapter"] / n_up, "up_raw_per_client": up["raw"] / n_up,
-                **{f"cum_{k}": v for k, v in self.cumulative.items()}, "epsilon": run_epsilon(self.method.cfg, t)}
+                **{f"cum_{k}": v for k, v in self.cumulative.items()}, "epsilon": run_epsilon(self.method.cfg, t),
+                **(self.method.round_metrics(self, t) if not skipped else {})}
 
     def state_dict(self) -> dict:
         return {"global_state": self.global_state, "version": self.version, "synced": self.synced,

@@ -106,6 +106,51 @@ def plot_runs(runs: list[tuple[dict, list[dict]]], out_dir: Path, key: str = "pe
     return paths
 
 
+def plot_celora_weights(run_dir: Path, path: Path) -> Path | None:
+    """Heatmap of CE-LoRA's aggregation weights w_ij in the run's last aggregated round, clients ordered by
+    their dominant label (ties by id); None when the run saved no weight matrix."""
+    saved = sorted(run_dir.glob("weights_round_*.npz"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not saved:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = np.load(saved[-1])
+    w, ids = z["weights"], z["clients"]
+    dom = z["dominant_label"] if "dominant_label" in z else np.full(len(ids), -1)
+    order = np.lexsort((ids, dom))
+    w = w[np.ix_(order, order)]
+    ticks = [f"{c} (y{d})" if d >= 0 else str(c) for c, d in zip(ids[order], dom[order], strict=True)]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.32 * len(ids), 1.0 + 0.32 * len(ids)))
+    im = ax.imshow(w, cmap="viridis", vmin=0.0)
+    ax.set_xticks(range(len(ids)), ticks, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(ids)), ticks, fontsize=7)
+    ax.set_xlabel("from client j (dominant label)")
+    ax.set_ylabel("C̄ of client i")
+    round_ = saved[-1].stem.rsplit("_", 1)[1]
+    ax.set_title(f"CE-LoRA weights w_ij, round {round_}\nmean self {np.mean(np.diag(w)):.2f}, "
+                 f"collaborators {np.mean(1 / np.sum(w**2, 1)):.1f}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def celora_sections(run_dirs: list[Path], out_dir: Path) -> str:
+    """Markdown for the weight heatmap of each CE-LoRA run (first seed of each)."""
+    out = []
+    for d in run_dirs:
+        png = plot_celora_weights(d, out_dir / f"celora_weights_{d.name}.png")
+        if png is not None:
+            out.append(f"![CE-LoRA weights, {d.name}]({png.name})")
+    return ("\n\nCE-LoRA's aggregation weights in the last round (row i: the weights of client i's C̄):\n\n"
+            + "\n\n".join(out) + "\n") if out else ""
+
+
 def write_report(run_dirs: list[Path], out_dir: Path, title: str) -> Path:
     runs = [read_run(d) for d in run_dirs]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +159,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, title: str) -> Path:
     text = (f"# {title}\n\n{len(run_dirs)} runs ({seeds} seed(s) per method; mean ± std over seeds). "
             "Uplink and downlink are raw tensor bytes over the whole run; the per-client-per-round columns split "
             "adapter and head bytes.\n\n" + markdown_table(runs) +
-            "\n\n![accuracy vs round](accuracy_vs_round.png)\n\n![accuracy vs uplink](accuracy_vs_uplink.png)\n")
+            "\n\n![accuracy vs round](accuracy_vs_round.png)\n\n![accuracy vs uplink](accuracy_vs_uplink.png)\n"
+            + celora_sections(run_dirs, out_dir))
     path = out_dir / "report.md"
     path.write_text(text)
     return path

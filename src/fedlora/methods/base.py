@@ -17,6 +17,8 @@ import torch
 from ..config import RunConfig
 
 if TYPE_CHECKING:  # imported for type hints only: federation imports methods, not the reverse
+    from ..adapters import AdaptedModel
+    from ..data import Examples
     from ..federation import Server, Upload
     from ..runtime.simulation import Simulation
 
@@ -71,8 +73,25 @@ class Method:
         """Called once before round 1 with the adapted model built (e.g. to initialise factors)."""
 
     def extra_upload_bytes(self, cid: int, t: int) -> int:
-        """Bytes a client sends besides its tensors this round (CE-LoRA: its data descriptor in round 1)."""
+        """Bytes a client sends besides its tensors this round (CE-LoRA: its data descriptor, when first sent)."""
         return 0
+
+    # --- a message a client sends once, when it first takes part, before its first download ---
+    def needs_descriptor(self, server: Server, cid: int) -> bool:
+        """Server side: whether client `cid` must send its data descriptor before its download."""
+        return False
+
+    def client_descriptor(self, am: AdaptedModel, data: Examples, classes: torch.Tensor,
+                          cid: int) -> dict[str, torch.Tensor]:
+        """Client side: the descriptor of the client's own training data (`classes`: one label per example)."""
+        raise NotImplementedError
+
+    def receive_descriptor(self, server: Server, cid: int, desc: dict[str, torch.Tensor], t: int) -> None:
+        """Server side: store a descriptor received in round t (charged by `extra_upload_bytes`)."""
+
+    def round_metrics(self, server: Server, t: int) -> dict:
+        """Extra columns for round t's metrics row (after aggregation)."""
+        return {}
 
     def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:
         """What client `cid` receives at the start of round t. Must not change any state.

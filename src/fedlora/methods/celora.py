@@ -2,31 +2,34 @@
 
 Li et al., "Communication-Efficient and Personalized Federated Foundation Model Fine-Tuning via
 Tri-Matrix Adaptation", arXiv 2503.23869. The body of the paper is not public; every choice the
-abstract leaves open is a named option (`method.celora.*`, see /work/shared/methods.md).
+abstract leaves open is a named option (`method.celora.*`, see the project's methods notes).
 
     ΔW = s · B C A,  C ∈ R^{r×r}, C = 0 at round 0 (ΔW = 0), A and B non-zero:
       ab_init = svd:    A = top-r right singular vectors of W0 (rows), B = top-r left singular
                         vectors, signs fixed (largest-|entry| of each left vector positive, the
                         paired right vector flipped with it), so every client computes the same.
       ab_init = random: A, B random orthonormal from the run seed.
-      ab_train = frozen: A, B never change (C aggregation exact); local: A, B train, stay personal.
-    train C (+ A, B if local);  upload C only (r² numbers per adapted matrix; + head if shared).
+      ab_train = frozen: A, B never change (C aggregation exact: every C_j is in the same basis);
+                 local:  A, B train, stay personal (C_i and C_j drift into different bases);
+                 warmup: A, B train in rounds 1..ab_warmup_rounds, then freeze.
+    train C (+ A, B while they train);  upload C only (r² numbers per adapted matrix; + head if shared).
 
-    Server, once before round 1: S^data from the clients' data descriptors (similarity.py).
-    Every round, over the accepted uploads j (self included):
-      ΔC_j = C_j − the C client j started the round with (its C̄ from the server, or the FedAvg C
-             for a newcomer, or the initial C = 0);
+    Client i, when it first takes part (before its first download): its data descriptor
+    (`client_descriptor`, from its own training data through the base model, ΔW = 0), sent once and
+    charged to that round. The server's S^data covers the clients that sent one (similarity.py).
+    Every round, over the accepted uploads j:
+      ΔC_j = C_j − the C client j started the round with (its C̄, or its newcomer C̄, or C = 0);
       S^param_ij = cosine(ΔC_i, ΔC_j) (flattened over all layers);
-      z_ij = β S^data_ij + (1 − β) S^param_ij;   w_ij = softmax_j(z_ij / τ + log p_j);
-      weights = learned: each row refined by projected gradient descent on the simplex of
-                ||C_i − Σ_j w_ij C_j||² / L + λ ||w_i − w_i^softmax||²;
-      C̄_i = Σ_j w_ij C_j, sent to client i at its next round (it overwrites the client's C).
-    τ → ∞ gives the example-weighted FedAvg of C (the non-personalized variant); β = 1 data
-    similarity only, β = 0 parameter similarity only. A client that never had an upload accepted
-    receives the example-weighted FedAvg of the last aggregated round's C instead.
+      w_ii = λ (`self_weight`),  w_ij = (1 − λ) softmax_{j≠i}((β ẑ^data_ij + (1 − β) ẑ^param_ij) / τ + log p_j),
+        ẑ: each similarity z-scored per row over the others (j ≠ i);
+      weights = learned: the others' part refined by alignment with client i's update (similarity.py);
+      weights = fedavg: w_ij = p_j (the non-personalized variant);
+      C̄_i = Σ_j w_ij C_j: one (m × m) weight-matrix product for all keys, sent to client i at its next round.
+    A newcomer with a descriptor receives Σ_j w_j C_j over the clients already seen (their last
+    accepted C), w_j = softmax_j(ẑ^data_j / τ + log p_j); without one, the last FedAvg C.
 
-Uplink: r² per adapted matrix per round, plus the data descriptor once (`descriptor_bytes[cid]`:
-label histogram + per-class feature mean and variance, hidden size numbers each).
+Uplink: r² per adapted matrix per round, plus the data descriptor once: the label histogram and the
+overall feature mean and variance (`descriptor: overall`, 2 × hidden numbers), or per class.
 """
 
 from __future__ import annotations
@@ -38,19 +41,23 @@ import numpy as np
 import torch
 
 from ..adapters import AdaptedModel, factor_of
+from ..seeding import rng
 from .base import Method, register
 from .similarity import (
     combine_weights,
     data_descriptor,
     data_similarity,
     descriptor_nbytes,
+    fedavg_weights,
     param_similarity,
     pooled_features,
     privatize,
-    refine_weights,
+    refine_others,
+    zscore_others,
 )
 
 if TYPE_CHECKING:
+    from ..data import Examples
     from ..federation import Server, Upload
     from ..runtime.simulation import Simulation
 
@@ -104,6 +111,10 @@ def init_tri_factors(am: AdaptedModel, mode: str, seed: int) -> None:
 # ---------------------------------------------------------------- the method
 
 
+def flat_c(tensors: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    return torch.cat([tensors[k].flatten() for k in keys])
+
+
 @register
 class CELoRA(Method):
     name = "celora"
@@ -114,113 +125,183 @@ class CELoRA(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.opt = cfg.method.celora
-        self.descriptors: list[dict[str, torch.Tensor]] = []
-        self.descriptor_bytes: dict[int, int] = {}
-        self.s_data: np.ndarray | None = None  # (num_clients, num_clients), computed once in setup
+        self.num_labels = 0
+        self.dominant: list[int] = []  # each client's most frequent label: for the report's heatmap only
         self.init_c: dict[str, torch.Tensor] = {}
         self.run_dir: Path | None = None
+        self.charged: dict[int, tuple[int, int]] = {}  # cid -> (round its descriptor was received, bytes)
+        self._s_data: tuple[tuple[int, ...], np.ndarray] | None = None  # cache: (described ids, S^data)
         self.last_weights: dict | None = None  # {"round", "clients", "weights", "s_data", "s_param"}
 
     def train_factors(self, t: int) -> set[str]:
-        return {"C"} | ({"A", "B"} if self.opt.ab_train == "local" else set())
+        ab = self.opt.ab_train == "local" or (self.opt.ab_train == "warmup" and t <= self.opt.ab_warmup_rounds)
+        return {"C"} | ({"A", "B"} if ab else set())
 
     def upload_factors(self, t: int) -> set[str]:
         return {"C"}
 
-    # ---- before round 1 ----
     def setup(self, sim: Simulation) -> None:
-        am = sim.am
-        init_tri_factors(am, self.opt.ab_init, self.cfg.seed)
-        self.init_c = am.get_state({"C"})
+        init_tri_factors(sim.am, self.opt.ab_init, self.cfg.seed)
+        self.init_c = sim.am.get_state({"C"})
         self.run_dir = Path(sim.run_dir)
-        # descriptors: the base model (C = 0, so ΔW = 0 exactly) over each client's training data;
-        # with beta = 0 the data similarity is unused, so nothing is computed or sent
-        self.descriptors, self.descriptor_bytes = [], {}
-        if self.opt.beta == 0:
-            self.s_data = None
-            return
-        labels = torch.as_tensor(np.asarray(sim.task.labels, dtype=np.int64))  # classes; a causal LM's categories
-        for cid, data in enumerate(sim.client_train):
+        self.num_labels = sim.task.num_labels
+        labels = np.asarray(sim.task.labels, dtype=np.int64)
+        self.dominant = [int(np.bincount(labels[tr], minlength=self.num_labels).argmax()) if len(tr) else -1
+                         for tr, _ in sim.split.clients]
+
+    # ---- the data descriptor: computed on the client, released once, stored by the server ----
+    def needs_descriptor(self, server: Server, cid: int) -> bool:
+        return self.opt.beta > 0 and cid not in self.state(server)["descriptors"]
+
+    def client_descriptor(self, am: AdaptedModel, data: Examples, classes: torch.Tensor,
+                          cid: int) -> dict[str, torch.Tensor]:
+        """The client's released descriptor: base-model features (every C zeroed, so ΔW = 0) of its own data."""
+        saved = am.get_state({"C"})
+        am.set_state({k: torch.zeros_like(v) for k, v in saved.items()})
+        try:
             feats = pooled_features(am.model, data.input_ids, data.attention_mask, self.cfg.eval.batch_size)
-            private = self.opt.descriptor_sigma > 0
-            desc = data_descriptor(feats, labels[torch.as_tensor(sim.split.clients[cid][0])], sim.task.num_labels,
-                                   all_classes=private)
-            desc = privatize(desc, self.opt.descriptor_sigma, self.opt.descriptor_clip,
-                             np.random.default_rng([self.cfg.seed, 7919, cid]))
-            self.descriptors.append(desc)
-            self.descriptor_bytes[cid] = descriptor_nbytes(desc)
-        self.s_data = data_similarity(self.descriptors)  # server side, cached
+        finally:
+            am.set_state(saved)
+        sigma = self.opt.descriptor_sigma
+        desc = data_descriptor(feats, classes, self.num_labels, self.opt.descriptor, all_classes=sigma > 0)
+        return privatize(desc, sigma, self.opt.descriptor_clip, rng("descriptor_noise", self.cfg.seed, cid))
+
+    def receive_descriptor(self, server: Server, cid: int, desc: dict[str, torch.Tensor], t: int) -> None:
+        st = self.state(server)
+        if cid in st["descriptors"]:
+            raise ValueError(f"client {cid} sent its data descriptor twice (rounds {st['descriptors'][cid][0]}, {t})")
+        st["descriptors"][cid] = (t, desc)
+        self.charged[cid] = (t, descriptor_nbytes(desc))
 
     def extra_upload_bytes(self, cid: int, t: int) -> int:
-        """Raw bytes sent outside the adapter upload: the descriptor, once, charged to round 1."""
-        return self.descriptor_bytes.get(cid, 0) if t == 1 else 0
+        """Raw bytes sent outside the adapter upload: the descriptor, in the round it was received."""
+        r, nbytes = self.charged.get(cid, (0, 0))
+        return nbytes if r == t else 0
+
+    def s_data(self, server: Server, ids: list[int]) -> np.ndarray:
+        """S^data over `ids` (m, m), from the descriptors received so far; NaN where one is missing."""
+        desc = self.state(server)["descriptors"]
+        have = tuple(sorted(desc))
+        if not have:
+            return np.full((len(ids), len(ids)), np.nan)
+        if self._s_data is None or self._s_data[0] != have:
+            self._s_data = (have, data_similarity([desc[c][1] for c in have]))
+        pos = {c: i for i, c in enumerate(have)}
+        idx = np.array([pos.get(c, -1) for c in ids])
+        s = self._s_data[1][np.ix_(np.maximum(idx, 0), np.maximum(idx, 0))].copy()
+        s[idx < 0, :] = np.nan
+        s[:, idx < 0] = np.nan
+        return s
 
     # ---- server state ----
     @staticmethod
     def state(server: Server) -> dict:
-        """server.extra["celora"]: cbar {cid: (round, {key: C̄})}, fedavg (round, {key: C}) or None."""
-        return server.extra.setdefault("celora", {"cbar": {}, "fedavg": None})
+        """server.extra["celora"]: keys (the C keys in flattening order), shapes {key: shape},
+        cbar {cid: (round, C̄ flat)}, fedavg (round, C flat) or None, last {cid: (n_examples, last accepted C flat)},
+        descriptors {cid: (round received, descriptor)}."""
+        return server.extra.setdefault("celora", {"keys": [], "shapes": {}, "cbar": {}, "fedavg": None, "last": {},
+                                                  "descriptors": {}})
 
-    def reference(self, server: Server, cid: int) -> dict[str, torch.Tensor]:
-        """The C client `cid` started this round with, as the server knows it."""
+    @staticmethod
+    def unflatten(st: dict, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for k in st["keys"]:
+            shape = st["shapes"][k]
+            n = int(np.prod(shape))
+            out[k] = flat[i:i + n].view(shape)
+            i += n
+        return out
+
+    def newcomer_c(self, server: Server, cid: int) -> torch.Tensor | None:
+        """A described client without a C̄ of its own: Σ_j w_j C_j over the clients already seen, by data similarity."""
+        st = self.state(server)
+        seen = [j for j in sorted(st["last"]) if j != cid and j in st["descriptors"]]
+        if cid not in st["descriptors"] or not seen:
+            return None
+        s = self.s_data(server, [cid, *seen])  # row 0: the newcomer
+        n = np.array([st["last"][j][0] for j in seen], dtype=np.float64)
+        z = zscore_others(s)[0, 1:]
+        logits = z / self.opt.tau + np.log(n / n.sum())
+        w = np.exp(logits - logits.max())
+        w = torch.from_numpy(w / w.sum())  # (seen,)
+        x = torch.stack([st["last"][j][1] for j in seen])  # (seen, D)
+        return (w @ x.double()).to(x.dtype)
+
+    def start_c(self, server: Server, cid: int) -> torch.Tensor:
+        """The C client `cid` started this round with (flat), as the server knows it."""
         st = self.state(server)
         if cid in st["cbar"]:
             return st["cbar"][cid][1]
         if st["fedavg"] is not None:
-            return st["fedavg"][1]
-        return self.init_c
+            new = self.newcomer_c(server, cid)
+            return new if new is not None else st["fedavg"][1]
+        return flat_c(self.init_c, st["keys"])
 
     # ---- per round ----
     def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:
         out = super().download(server, cid, t)  # head keys, if the head is shared
         st = server.extra.get("celora")
-        if not st:
+        if not st or st["fedavg"] is None:
             return out
         seen = server.synced.get(cid, 0)
         if cid in st["cbar"]:
             produced, cbar = st["cbar"][cid]
             if produced > seen:
-                out.update(cbar)
-        elif st["fedavg"] is not None and st["fedavg"][0] > seen:
-            out.update(st["fedavg"][1])
+                out.update(self.unflatten(st, cbar))
+        elif st["fedavg"][0] > seen:
+            out.update(self.unflatten(st, self.start_c(server, cid)))
         return out
+
+    def weights(self, s_data: np.ndarray, s_param: np.ndarray, n: np.ndarray, delta: torch.Tensor) -> np.ndarray:
+        o = self.opt
+        if o.weights == "fedavg":
+            return fedavg_weights(n)
+        w = combine_weights(s_data, s_param, o.beta, o.tau, n, o.self_weight)
+        if o.weights == "learned":
+            w = refine_others(w, delta, o.learned_lambda, o.learned_steps, o.learned_lr)
+        return w
 
     def aggregate(self, server: Server, t: int, uploads: list[Upload]) -> None:
         super().aggregate(server, t, uploads)  # the head, when shared (keys in server.global_state)
         st = self.state(server)
         keys = sorted(k for k in uploads[0].tensors if factor_of(k) == "C")
+        if not st["keys"]:
+            st["keys"], st["shapes"] = keys, {k: tuple(uploads[0].tensors[k].shape) for k in keys}
         ids = [u.client for u in uploads]
         n = np.array([u.n_examples for u in uploads], dtype=np.float64)
-        cs = [{k: u.tensors[k] for k in keys} for u in uploads]
-        x = torch.stack([torch.cat([c[k].double().flatten() for k in keys]) for c in cs])  # (m, Σ r²)
-        ref = torch.stack([torch.cat([self.reference(server, i)[k].double().flatten() for k in keys])
-                           for i in ids])
+        dtype = uploads[0].tensors[keys[0]].dtype
+        # one stack per key, one (m × m) @ (m × r²) product per key
+        x = torch.cat([torch.stack([u.tensors[k] for u in uploads]).flatten(1) for k in keys], 1).double()  # (m, D)
+        ref = torch.stack([self.start_c(server, i) for i in ids]).double()  # (m, D)
         s_param = param_similarity(x - ref, center=self.opt.param_center)
-        s_data = self.s_data[np.ix_(ids, ids)] if self.s_data is not None else np.eye(len(ids))
-        w = combine_weights(s_data, s_param, self.opt.beta, self.opt.tau, n)
-        if self.opt.weights == "learned":
-            w = refine_weights(w, x, self.opt.learned_lambda, self.opt.learned_steps, self.opt.learned_lr)
+        s_data = self.s_data(server, ids) if self.opt.beta > 0 else np.full((len(ids), len(ids)), np.nan)
+        w = self.weights(s_data, s_param, n, x - ref)
         wt = torch.from_numpy(w)  # float64
-        p = torch.from_numpy(n / n.sum())
+        cbar = (wt @ x).to(dtype).unbind(0)  # m rows (D,), views of one (m, D) product
+        last = x.to(dtype).unbind(0)
         for row, i in enumerate(ids):
-            st["cbar"][i] = (t, {k: self._mix(wt[row], cs, k) for k in keys})
-        st["fedavg"] = (t, {k: self._mix(p, cs, k) for k in keys})
+            st["cbar"][i] = (t, cbar[row])
+            st["last"][i] = (int(n[row]), last[row])
+        st["fedavg"] = (t, (torch.from_numpy(n / n.sum()) @ x).to(dtype))
         self.last_weights = {"round": t, "clients": ids, "weights": w, "s_data": s_data, "s_param": s_param}
         self._save(server, t)
 
-    @staticmethod
-    def _mix(weights: torch.Tensor, cs: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
-        stacked = torch.stack([c[key].to(torch.float64) for c in cs])  # (m, r, r)
-        return torch.tensordot(weights, stacked, dims=1).to(cs[0][key].dtype)
+    def round_metrics(self, server: Server, t: int) -> dict:
+        """The sharing this round: mean w_ii and mean effective number of collaborators 1 / Σ_j w_ij²."""
+        lw = self.last_weights
+        if lw is None or lw["round"] != t:
+            return {}
+        w = lw["weights"]
+        return {"celora_self_weight": float(np.mean(np.diag(w))),
+                "celora_collaborators": float(np.mean(1.0 / np.sum(w**2, axis=1))),
+                "celora_descriptors": len(self.state(server)["descriptors"])}
 
     def _save(self, server: Server, t: int) -> None:
-        run_dir = server.extra.get("run_dir") or self.run_dir
-        if run_dir is None:
+        if self.run_dir is None:
             return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         lw = self.last_weights
-        np.savez(run_dir / f"weights_round_{t}.npz", weights=lw["weights"], clients=np.array(lw["clients"]),
-                 s_data=lw["s_data"], s_param=lw["s_param"])
-        if self.s_data is not None and not (run_dir / "data_similarity.npy").exists():
-            np.save(run_dir / "data_similarity.npy", self.s_data)
+        ids = np.array(lw["clients"])
+        dominant = np.array([self.dominant[i] if i < len(self.dominant) else -1 for i in ids])
+        np.savez(self.run_dir / f"weights_round_{t}.npz", weights=lw["weights"], clients=ids,
+                 s_data=lw["s_data"], s_param=lw["s_param"], dominant_label=dominant)

@@ -583,6 +583,7 @@ class FlowerServer:
             if cid not in self.nodes:
                 log.warning("round %d: client %d has no SuperNode; not asked this round", t, cid)
                 continue
+            self.sim.send_descriptor(cid, t)  # computed from the config's split here; not yet a Flower message
             plan[cid] = [server.synced.get(cid, 0), server.download(cid, t)]
 
         def build(cid: int) -> Callable[[], RecordDict]:

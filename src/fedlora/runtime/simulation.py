@@ -112,6 +112,8 @@ class Simulation:
     def run_round(self, t: int) -> dict:
         start = time.perf_counter()
         cids = [0] if self.method.pooled else self.server.sample()
+        for cid in cids:
+            self.send_descriptor(cid, t)
         downloads = {cid: self.server.download(cid, t) for cid in cids}
         uploads: dict[int, Upload | None] = {}
         for cid, dl in downloads.items():  # the in-process "transport": clients run one after another
@@ -126,6 +128,16 @@ class Simulation:
             row |= self.evaluate(generate=t == self.cfg.federation.rounds)
         row["wall_s"] = time.perf_counter() - start
         return row
+
+    def client_classes(self, cid: int) -> torch.Tensor:
+        """One class per training example of client `cid` (a causal LM task: its category)."""
+        return torch.as_tensor(np.asarray(self.task.labels, dtype=np.int64)[self.split.clients[cid][0]])
+
+    def send_descriptor(self, cid: int, t: int) -> None:
+        """A client's first contact (CE-LoRA): it computes its data descriptor and sends it before its download."""
+        if self.method.needs_descriptor(self.server, cid):
+            desc = self.method.client_descriptor(self.am, self.client_train[cid], self.client_classes(cid), cid)
+            self.method.receive_descriptor(self.server, cid, desc, t)
 
     # ---- evaluation ----
     def eval_state(self, cid: int) -> dict[str, torch.Tensor]:
