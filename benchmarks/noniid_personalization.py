@@ -69,7 +69,11 @@ def arm(base: dict, method: str, head: str | None = "personal", lr: float | None
     return cfg
 
 
-def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = True) -> list[tuple[str, dict]]:
+QUICK_TUNE = {"celora", "celora-fedavg-c", "celora-learned", "celora-self-auto", "celora-per-class", "celora-warmup-ab"}
+
+
+def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = True,
+             quick: bool = False) -> list[tuple[str, dict]]:
     if stage == "test":
         out = [(m, arm(base, m)) for m in methods]
         if "fedit" in methods and shared_head:
@@ -93,6 +97,8 @@ def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = Tru
            ("celora-frozen-ab", ce(ab_train="frozen")), ("celora-warmup-ab", ce(ab_train="warmup")),
            ("celora-frozen-ab-4r", arm(wide, "celora", lr=1e-3, ab_train="frozen")),
            ("celora-lr_ab-3e-3", ce() | {"train": {**start["train"], "lr": 3e-3}})]
+    if quick:  # the smoke run: one arm of each kind of option
+        out = [(label, c) for label, c in out if label in QUICK_TUNE]
     if "local" in methods:
         out.append(("local", arm(base, "local")))
     for m in [m for m in methods if m in ("fedit", "ffa")]:  # the two baselines; the others take FedIT's lr
@@ -161,7 +167,8 @@ def main() -> None:
     rows = []
     for a in alphas:
         base = base_config(args.quick, a, rounds, steps, args.stage)
-        arms = arms_for(args.stage, base, methods, shared_head=a == alphas[0])  # the usual FedIT: first alpha
+        # the usual FedIT (shared head): first alpha only
+        arms = arms_for(args.stage, base, methods, shared_head=a == alphas[0], quick=args.quick)
         rows += rows_from(run_arms(arms, out / name / f"alpha{a}", jobs=1 if args.quick else args.jobs), a)
     write_json(out / f"{name}.json", {"rounds": rounds, "local_steps": steps, "stage": args.stage, "rows": rows})
     plot(rows, out / f"{name}.png")
