@@ -5,7 +5,7 @@ label; every method gets the same data, seed, rounds and local steps. All federa
 personal classification head here (the same head policy for all, as CE-LoRA's claim needs; the head
 bytes are reported apart), plus FedIT with a shared head, the usual FedIT (first alpha only). Uplink is the adapter
 bytes one client sends in one round. The centralized reference trains on the pooled data with the
-same total number of steps per round as the federation (local steps x clients).
+same total number of steps per round as the federation (the core gives it local steps x clients).
 
 Two stages, on different data:
   --stage tune   CE-LoRA's ablation (FedAvg of C, data-only, parameter-only, both, learned; self-weight
@@ -64,8 +64,6 @@ def arm(base: dict, method: str, head: str | None = "personal", lr: float | None
     cfg["method"] = {"name": method, **({"head": head} if head and method != "centralized" else {}),
                      **({"celora": celora} if celora else {})}
     cfg["train"]["lr"] = lr or LR[method]
-    if method == "centralized":  # the same total compute: one trainer takes every client's steps of a round
-        cfg["train"]["local_steps"] *= cfg["partition"]["num_clients"]
     return cfg
 
 

@@ -46,7 +46,7 @@ def test_attack_only_consumes_uploaded_keys(tiny):
     assert set(A.observed_params(sim.am, sim.method, t)) == set(sim.am.keys({"C"}))
     batch = sim.client_train[0].batch(slice(0, 1))
     obs = A.client_step(sim.am, sim.method, sim.clients[0], sim.server.download(0, t), batch, sim.cfg.train)
-    obs.delta[sim.am.keys({"A"})[0]] = torch.zeros(sim.am.shapes()[sim.am.keys({"A"})[0]])
+    obs.delta[sim.am.keys({"A"})[0]] = torch.zeros(sim.am.get_state({"A"})[sim.am.keys({"A"})[0]].shape)
     with pytest.raises(ValueError, match="never uploaded"):
         A.invert(sim.am, obs, sim.method, steps=1)
 

@@ -97,17 +97,19 @@ def summary_table(rows: list[dict], title: str = "results") -> Table:
     return table
 
 
-# fields that may change between a run and its resumption
-RESUMABLE_CHANGES = ("federation.rounds", "eval.", "output.", "name")
+# fields that may change between a run and its resumption: none of them changes what a metric means
+# (eval.split, the evaluation caps or the seeds do, so they are refused)
+RESUMABLE_CHANGES = ("federation.rounds", "eval.every", "output.", "name", "threads")
 
 
-def check_resumable(cfg, run_dir: Path) -> None:
+def config_differences(cfg, run_dir: Path, allowed: tuple[str, ...]) -> list[str] | None:
+    """Fields whose value differs between `cfg` and the run directory's resolved config.yaml (None: no config)."""
     import yaml
 
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        fail(f"--resume: not a run directory (no config.yaml): {run_dir}")
-    saved, now = yaml.safe_load(saved_path.read_text()), cfg.model_dump(mode="json")
+        return None
+    saved, now = yaml.safe_load(saved_path.read_text()) or {}, cfg.model_dump(mode="json")
 
     def flat(d, prefix=""):
         out = {}
@@ -116,7 +118,13 @@ def check_resumable(cfg, run_dir: Path) -> None:
         return out
 
     a, b = flat(saved), flat(now)
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(allowed)]
+
+
+def check_resumable(cfg, run_dir: Path) -> None:
+    changed = config_differences(cfg, run_dir, RESUMABLE_CHANGES)
+    if changed is None:
+        fail(f"--resume: not a run directory (no config.yaml): {run_dir}")
     if changed:
         fail(f"--resume: the config differs from the run's in {', '.join(changed)}")
 
@@ -187,30 +195,47 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory"),
 @app.command()
 def compare(config: Path = typer.Argument(..., help="base YAML config"),
             methods: str = typer.Option("fedit,ffa,rolora,fedsa,celora,local,centralized", help="comma-separated"),
-            seeds: int = typer.Option(1, help="seeds per method (0, 1, ...)"),
+            seeds: int = typer.Option(3, help="training seeds per method (0, 1, ...), on one data split"),
+            head: str = typer.Option("personal", "--head", help="head policy for every method: shared | personal"),
             set_: list[str] = typer.Option([], "--set", help="override for every run"),
-            out: Path | None = typer.Option(None, "--out", help="output folder (default compare/<name>)")) -> None:
-    """Run the same task, partition and budget for each method and seed; write report.md and plots."""
+            out: Path | None = typer.Option(None, "--out", help="output folder (default compare/<name>)"),
+            overwrite: bool = typer.Option(False, "--overwrite",
+                                           help="rerun runs whose stored config differs from the requested one")) -> None:
+    """Run the same task, partition and budget for each method and seed; write report.md and plots.
+
+    Fair by construction: one head policy for all, the data split fixed across seeds (`data_seed`),
+    centralized given the federation's total steps, and a stored run reused only if its config is the same."""
+    import shutil
+
     from .config import load_config
     from .report import write_report
 
     _quiet_libraries()
+    if head not in ("shared", "personal"):
+        fail(f"--head: expected shared or personal, got '{head}'")
     base = _guard(load_config, config, set_)
     out = out or Path("compare") / base.name
     names = [m.strip() for m in methods.split(",") if m.strip()]
     run_dirs = []
     for m in names:
         for seed in range(seeds):
-            cfg = _guard(load_config, config, [*set_, f"method.name={m}", f"seed={seed}", f"name={m}-s{seed}"])
+            cfg = _guard(load_config, config, [*set_, f"method.name={m}", f"method.head={head}", f"seed={seed}",
+                                               f"data_seed={base.split_seed}", f"name={m}-s{seed}"])
             run_dir = out / "runs" / cfg.name
             run_dirs.append(run_dir)
+            changed = config_differences(cfg, run_dir, ("output.",))
+            if changed:
+                if not overwrite:
+                    fail(f"{run_dir}: stored run has a different config ({', '.join(changed[:5])}); "
+                         "use --overwrite to rerun it or another --out")
+                shutil.rmtree(run_dir)
             if (run_dir / "summary.json").is_file():
                 console.print(f"{cfg.name}: finished earlier, skipped")
                 continue
             console.print(f"[{len(run_dirs)}/{len(names) * seeds}]", end=" ")
             _guard(run_with_progress, cfg, run_dir, (run_dir / "checkpoint.pt").is_file())
     report = write_report(run_dirs, out, f"{base.name}: {base.task.name}, {base.partition.num_clients} clients, "
-                                          f"{base.partition.scheme}")
+                                          f"{base.partition.scheme}", head=head)
     console.print(report.read_text().split("\n\n")[2])
     console.print(f"report: {report}")
 

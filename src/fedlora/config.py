@@ -130,7 +130,7 @@ class OutputConfig(_Section):
     save_client_states: bool = True
 
 
-# ---- privacy (issue 7): client-level DP, see fedlora/privacy/dp.py ----
+# ---- privacy: client-level DP, see fedlora/privacy/dp.py ----
 class PrivacyConfig(_Section):
     dp: Literal["none", "local", "central"] = "none"  # local: noise on each upload; central: on the aggregate
     clip: float = Field(1.0, gt=0)  # S: L2 bound of each upload's delta (upload − start), all tensors together
@@ -140,7 +140,10 @@ class PrivacyConfig(_Section):
 
 class RunConfig(_Section):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # training randomness: adapter init, batch order, sampling, dropout, noise
+    # the data split (held-out set, partition, client test / validation carves, evaluation samples);
+    # None: the same as `seed`. Fix it and vary `seed` to measure training noise on one split
+    data_seed: int | None = Field(None, ge=0)
     threads: int | None = Field(None, gt=0)  # torch threads; None: torch's default
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -152,6 +155,10 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @property
+    def split_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -23,6 +23,7 @@ from .adapters import AdaptedModel, factor_of
 from .config import FederationConfig, TrainConfig
 from .data import BatchStream, Examples
 from .methods import Method
+from .seeding import rng, torch_seed
 from .train import local_train
 
 log = logging.getLogger("fedlora")
@@ -61,7 +62,7 @@ class Server:
     def __init__(self, method: Method, init_state: dict[str, torch.Tensor], fed: FederationConfig,
                  num_clients: int, seed: int = 0):
         self.method, self.fed, self.num_clients = method, fed, num_clients
-        self.sample_rng = np.random.default_rng([seed, 101])
+        self.sample_rng = rng("sampling", seed)
         self.cumulative = {f"{d}_{k}": 0 for d in ("up", "down") for k in BYTE_KEYS}
         shared = method.shared()
         self.global_state = {k: v for k, v in init_state.items() if factor_of(k) in shared}
@@ -69,6 +70,7 @@ class Server:
         self.synced: dict[int, int] = {}  # client -> last aggregated round it has downloaded
         self.last_round = 0  # last round that was aggregated
         self.spec = {k: (tuple(v.shape), v.dtype) for k, v in init_state.items()}  # for validation
+        self.init_state = init_state  # every client's seeded start; the reference for keys the server never sent
         self.extra: dict = {}  # method-specific server state
 
     def initial_client_state(self, init_state: dict[str, torch.Tensor]) -> ClientState:
@@ -103,6 +105,7 @@ class Server:
         if up.n_examples <= 0:
             return f"n_examples must be positive, got {up.n_examples}"
         sq = 0.0
+        start = {**self.init_state, **self.global_state, **self.method.upload_reference(self, up.client)}
         for k, v in up.tensors.items():
             shape, dtype = self.spec[k]
             if tuple(v.shape) != shape:
@@ -111,15 +114,15 @@ class Server:
                 return f"{k}: dtype {v.dtype} != {dtype}"
             if not torch.isfinite(v).all():
                 return f"{k}: contains NaN or Inf"
-            sq += float(v.double().pow(2).sum())
+            sq += float((v.double() - start[k].double()).pow(2).sum())
         if self.fed.max_update_norm is not None and math.sqrt(sq) > self.fed.max_update_norm:
-            return f"update norm {math.sqrt(sq):.4g} > max_update_norm {self.fed.max_update_norm}"
+            return f"update norm ‖upload − round start‖ = {math.sqrt(sq):.4g} > max_update_norm {self.fed.max_update_norm}"
         return None
 
     def aggregate(self, t: int, uploads: list[Upload]) -> None:
         if uploads and uploads[0].tensors:
             self.method.aggregate(self, t, uploads)
-            pr = self.method.cfg.privacy  # central DP (issue 7): noise on the aggregated server-held keys
+            pr = self.method.cfg.privacy  # central DP: noise on the aggregated server-held keys
             if pr.dp == "central" and pr.noise_multiplier > 0:
                 from .privacy.dp import central_noise
 
@@ -165,7 +168,7 @@ class Server:
             self.cumulative[f"up_{k}"] += up[k]
             self.cumulative[f"down_{k}"] += down[k]
         n_up = max(1, len(downloads) - len(dropped))
-        from .privacy.dp import run_epsilon  # issue 7: (epsilon, delta) spent after t rounds; None without DP
+        from .privacy.dp import run_epsilon  # (epsilon, delta) spent after t rounds; None without DP
 
         return {"round": t, "clients": sorted(downloads), "dropped": dropped, "rejected": rejected,
                 "skipped": skipped, "train_loss": float(np.mean(losses)) if losses else None,
@@ -174,6 +177,16 @@ class Server:
                 "up_raw_adapter_per_client": up["raw_adapter"] / n_up, "up_raw_per_client": up["raw"] / n_up,
                 **{f"cum_{k}": v for k, v in self.cumulative.items()}, "epsilon": run_epsilon(self.method.cfg, t),
                 **(self.method.round_metrics(self, t) if not skipped else {})}
+
+    def final_download_bytes(self, cids: list[int]) -> dict[str, int]:
+        """The bytes of the last download every client receives after the final round: the model it is evaluated
+        and saved with (the global tensors, or its own C̄). Counted once, whichever runtime moves it."""
+        total = dict.fromkeys(BYTE_KEYS, 0)
+        t = self.last_round + 1
+        for cid in cids:
+            for k, v in payload_bytes(self.method.download(self, cid, t)).items():
+                total[k] += v
+        return total
 
     def state_dict(self) -> dict:
         return {"global_state": self.global_state, "version": self.version, "synced": self.synced,
@@ -202,12 +215,12 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
     # training noise (the base model's dropout) from a generator seeded by (seed, client, round), not by
     # whatever ran before in this process: the same result in process or on a Flower SuperNode
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(np.random.SeedSequence([stream.seed, 103, stream.stream_id, t]).generate_state(1)[0]))
-        stats = local_train(am, data, stream, method.trainable(t), train, train.local_steps)
+        torch.manual_seed(torch_seed("train_noise", method.cfg.seed, dl.client, t))
+        stats = local_train(am, data, stream, method.trainable(t), train, method.local_steps())
     trained = am.get_state()
     uploaded = method.uploaded(t)
     tensors = {k: v for k, v in trained.items() if factor_of(k) in uploaded}
-    if method.cfg.privacy.dp != "none":  # issue 7: clip the delta from the start state (+ local DP noise)
+    if method.cfg.privacy.dp != "none":  # clip the delta from the start state (+ local DP noise)
         from .privacy.dp import privatize_upload
 
         start = state.full()

@@ -19,6 +19,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from .seeding import torch_seed
+
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=128)
 TINY_LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -112,7 +114,7 @@ def load_tokenizer(name: str):
 
 def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
     """A sequence classifier whose head is initialised from `seed` (so every client builds the same one)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(torch_seed("adapter_init", seed))  # the head (and a random test model) from the run seed
     if name == "tiny-bert":
         cfg = BertConfig(vocab_size=load_tokenizer(name).vocab_size, num_labels=num_labels, **TINY_BERT)
         return BertForSequenceClassification(cfg).eval()
@@ -126,7 +128,7 @@ def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
 
 def load_causal_lm(name: str, seed: int) -> nn.Module:
     """A causal LM in fp32: "smollm2" (packaged, cached conversion), "tiny-llama" (random), a folder or hub name."""
-    torch.manual_seed(seed)
+    torch.manual_seed(torch_seed("adapter_init", seed))  # the head (and a random test model) from the run seed
     if name == "tiny-llama":
         return LlamaForCausalLM(LlamaConfig(vocab_size=len(load_tokenizer(name)), **TINY_LLAMA)).eval()
     path = str(smollm2_dir()) if name == "smollm2" else resolve_model_path(name)

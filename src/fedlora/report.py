@@ -25,7 +25,7 @@ def _mean_std(xs: list[float]) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
         return "–"
-    return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def group_by_method(runs: list[tuple[dict, list[dict]]]) -> dict[str, list[tuple[dict, list[dict]]]]:
@@ -35,16 +35,49 @@ def group_by_method(runs: list[tuple[dict, list[dict]]]) -> dict[str, list[tuple
     return dict(out)
 
 
+def quality_key(runs: list[tuple[dict, list[dict]]]) -> tuple[str, bool]:
+    """The metric a comparison ranks by, and whether higher is better: personal accuracy, or perplexity for an LM."""
+    if any(s.get("personal_accuracy") is not None for s, _ in runs):
+        return "personal_accuracy", True
+    return "personal_perplexity", False
+
+
+def versus_best(groups: dict[str, list[tuple[dict, list[dict]]]], key: str, higher: bool) -> dict[str, str]:
+    """Each method against the best mean: the difference, and whether it exceeds two standard errors of the
+    difference, SE = sqrt(s_a²/n_a + s_b²/n_b) (sample std over seeds). Only then is it a win; one seed: never."""
+    vals = {m: np.array([s[key] for s, _ in g if s.get(key) is not None], dtype=float) for m, g in groups.items()}
+    vals = {m: v for m, v in vals.items() if len(v)}
+    if not vals:
+        return {}
+    best = (max if higher else min)(vals, key=lambda m: vals[m].mean())
+    out = {best: "best"}
+    b = vals[best]
+    for m, v in vals.items():
+        if m == best:
+            continue
+        diff = v.mean() - b.mean()
+        if len(v) < 2 or len(b) < 2:
+            out[m] = f"{diff:+.3f} (1 seed: no call)"
+            continue
+        se = float(np.sqrt(v.var(ddof=1) / len(v) + b.var(ddof=1) / len(b)))
+        out[m] = f"{diff:+.3f} ({'beyond' if abs(diff) > 2 * se else 'within'} 2 SE = {2 * se:.3f})"
+    return out
+
+
 def markdown_table(runs: list[tuple[dict, list[dict]]]) -> str:
-    head = ("| method | head | global accuracy | personalized accuracy | uplink MB | downlink MB "
-            "| uplink / client / round: adapter B | head B | wall s |\n|---|---|---|---|---|---|---|---|---|")
+    key, higher = quality_key(runs)
+    groups = group_by_method(runs)
+    vs = versus_best(groups, key, higher)
+    head = ("| method | head | seeds | global accuracy | personalized accuracy | vs best (personal) | uplink MB "
+            "| downlink MB | uplink / client / round: adapter B | head B | wall s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for method, group in group_by_method(runs).items():
+    for method, group in groups.items():
         s0, rows0 = group[0]
         head_per = [head_bytes_per_upload(rows) for _, rows in group]
         lines.append(
-            f"| {method} | {s0['head']} | {_mean_std([s['global_accuracy'] for s, _ in group])} "
-            f"| {_mean_std([s['personal_accuracy'] for s, _ in group])} "
+            f"| {method} | {s0['head']} | {len(group)} | {_mean_std([s['global_accuracy'] for s, _ in group])} "
+            f"| {_mean_std([s['personal_accuracy'] for s, _ in group])} | {vs.get(method, '–')} "
             f"| {np.mean([s['up_raw'] for s, _ in group]) / 1e6:.3f} "
             f"| {np.mean([s['down_raw'] for s, _ in group]) / 1e6:.3f} "
             f"| {np.mean([s['up_raw_adapter_per_client_round'] for s, _ in group]):,.0f} "
@@ -65,34 +98,49 @@ def _curves(group, key: str):
     return rounds, [np.mean(per_round[t]) for t in rounds], [np.mean(up[t]) for t in rounds]
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _style(i: int) -> dict:
+    """A distinct marker and line style per method, so that methods with equal values stay visible."""
+    return {"marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i % len(LINESTYLES)],
+            "markersize": 7 - 2 * (i % 3), "alpha": 0.85}
+
+
 def plot_runs(runs: list[tuple[dict, list[dict]]], out_dir: Path, key: str = "personal_accuracy") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     label = key.replace("_", " ")
     groups = group_by_method(runs)
     paths = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, group in groups.items():
-        rounds, acc, _ = _curves(group, key)
-        ax.plot(rounds, acc, marker="o", label=method)
-    ax.set_xlabel("round")
-    ax.set_ylabel(label)
-    ax.set_title(f"{label} vs round")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    other = key.replace("personal_", "global_")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, k in zip(axes, (other, key), strict=True):  # global beside personal
+        for i, (method, group) in enumerate(groups.items()):
+            rounds, acc, _ = _curves(group, k)
+            if rounds:
+                ax.plot(rounds, acc, label=method, **_style(i))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.set_ylabel(k.replace("_", " "))
+        ax.set_title(f"{k.replace('_', ' ')} vs round")
+        ax.grid(alpha=0.3)
+    axes[1].legend()
     fig.tight_layout()
     paths.append(out_dir / "accuracy_vs_round.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, group in groups.items():
+    for i, (method, group) in enumerate(groups.items()):
         _, acc, up = _curves(group, key)
         if up and max(up) > 0:  # methods that send nothing have no point on a log axis
-            ax.plot(up, acc, marker="o", label=method)
+            ax.plot(up, acc, label=method, **_style(i))
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink MB (all clients, log scale)")
     ax.set_ylabel(label)
@@ -151,14 +199,18 @@ def celora_sections(run_dirs: list[Path], out_dir: Path) -> str:
             + "\n\n".join(out) + "\n") if out else ""
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, title: str) -> Path:
+def write_report(run_dirs: list[Path], out_dir: Path, title: str, head: str | None = None) -> Path:
     runs = [read_run(d) for d in run_dirs]
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_runs(runs, out_dir)
+    plot_runs(runs, out_dir, quality_key(runs)[0])
     seeds = len(run_dirs) // max(1, len(group_by_method(runs)))
-    text = (f"# {title}\n\n{len(run_dirs)} runs ({seeds} seed(s) per method; mean ± std over seeds). "
-            "Uplink and downlink are raw tensor bytes over the whole run; the per-client-per-round columns split "
-            "adapter and head bytes.\n\n" + markdown_table(runs) +
+    policy = (f"Head policy: **{head}** for every federated method (local-only and centralized keep their own "
+              "single model). " if head else "")
+    text = (f"# {title}\n\n{len(run_dirs)} runs ({seeds} seed(s) per method; mean ± std over seeds, sample std). "
+            + policy +
+            "A difference is called a win only when it exceeds two standard errors of the difference "
+            "(`vs best`). Uplink and downlink are raw tensor bytes over the whole run, the final downloads "
+            "included; the per-client-per-round columns split adapter and head bytes.\n\n" + markdown_table(runs) +
             "\n\n![accuracy vs round](accuracy_vs_round.png)\n\n![accuracy vs uplink](accuracy_vs_uplink.png)\n"
             + celora_sections(run_dirs, out_dir))
     path = out_dir / "report.md"

@@ -13,7 +13,8 @@ from torch import nn
 
 
 class LowRankLinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, tri: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, tri: bool = False,
+                 generator: torch.Generator | None = None):
         super().__init__()
         k, d = base.weight.shape  # (out, in)
         if r > min(k, d):
@@ -28,7 +29,8 @@ class LowRankLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, d, device=dev, dtype=dt))  # (r, in)
         self.B = nn.Parameter(torch.zeros(k, r, device=dev, dtype=dt))  # (out, r)
         self.C = nn.Parameter(torch.zeros(r, r, device=dev, dtype=dt)) if tri else None  # (r, r)
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0 -> ΔW = 0
+        # PEFT's LoRA init; B = 0 -> ΔW = 0. A comes from the run's own generator, not torch's global one
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
         self.merged = False
 
     @property

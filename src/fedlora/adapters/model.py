@@ -46,8 +46,11 @@ def inject_adapters(
     dropout: float = 0.0,
     tri: bool = False,
     head_modules: list[str] | None = None,
+    generator: torch.Generator | None = None,
 ) -> AdaptedModel:
-    """Replace every matching nn.Linear by a LowRankLinear; freeze everything but adapters and head."""
+    """Replace every matching nn.Linear by a LowRankLinear; freeze everything but adapters and head.
+
+    `generator` draws every A (in module order); the same generator state gives the same adapter."""
     for p in model.parameters():
         p.requires_grad_(False)
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, target_modules)]
@@ -60,7 +63,7 @@ def inject_adapters(
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LowRankLinear(getattr(parent, child), r, alpha, dropout, tri))
+        setattr(parent, child, LowRankLinear(getattr(parent, child), r, alpha, dropout, tri, generator))
     names = dict(model.named_modules())
     for h in head_modules:
         if h not in names:
@@ -112,12 +115,6 @@ class AdaptedModel:
         factors = set(factors)
         for k, p in self._params.items():
             p.requires_grad_(factor_of(k) in factors)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(p.shape) for k, p in self._params.items()}
-
-    def dtypes(self) -> dict[str, torch.dtype]:
-        return {k: p.dtype for k, p in self._params.items()}
 
     def merge(self) -> None:
         for layer in self.layers.values():

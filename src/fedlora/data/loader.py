@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..seeding import rng
+
 
 @dataclass
 class Examples:
@@ -88,7 +90,7 @@ class BatchStream:
         self._perm = self._permutation()
 
     def _permutation(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.stream_id, self.epoch]).permutation(self.n)
+        return rng("batch_order", self.seed, self.stream_id, self.epoch).permutation(self.n)
 
     def next_rows(self) -> torch.Tensor:
         if self.offset >= self.n:

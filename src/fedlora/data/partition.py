@@ -19,6 +19,7 @@ from flwr_datasets.partitioner import (
 )
 
 from ..config import PartitionConfig
+from ..seeding import rng
 from .tasks import Task
 
 
@@ -47,8 +48,8 @@ def make_partitioner(cfg: PartitionConfig, seed: int) -> Partitioner:
 
 
 def split_task(task: Task, cfg: PartitionConfig, seed: int) -> Split:
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(task.labels))
+    """`seed` is the run's data seed: it fixes the split whatever the training seed."""
+    order = rng("split", seed).permutation(len(task.labels))
     n_test = int(round(len(order) * cfg.global_test_fraction))
     global_test, rest = np.sort(order[:n_test]), order[n_test:]
     columns = {"idx": rest.tolist(), "label": [task.labels[i] for i in rest]}
@@ -69,7 +70,7 @@ def split_task(task: Task, cfg: PartitionConfig, seed: int) -> Split:
         if len(idx) < 2:
             raise ValueError(f"client {cid} got {len(idx)} examples: partition too small "
                              f"(fewer clients, a larger partition.alpha, or more data)")
-        idx = idx[np.random.default_rng([seed, cid]).permutation(len(idx))]
+        idx = idx[rng("client_split", seed, cid).permutation(len(idx))]
         n_c = max(1, int(round(len(idx) * cfg.client_test_fraction)))
         clients.append((np.sort(idx[n_c:]), np.sort(idx[:n_c])))
     if not cfg.client_val_fraction:
@@ -77,13 +78,34 @@ def split_task(task: Task, cfg: PartitionConfig, seed: int) -> Split:
     # validation comes out of train (test untouched, so a tuned run's test numbers stay unseen)
     validation = []
     for cid, (train, test) in enumerate(clients):
-        train = train[np.random.default_rng([seed, cid, 1]).permutation(len(train))]
+        train = train[rng("client_val", seed, cid).permutation(len(train))]
         n_v = max(1, int(round(len(train) * cfg.client_val_fraction)))
         if len(train) - n_v < 1:
             raise ValueError(f"client {cid}: partition.client_val_fraction leaves no training examples")
         clients[cid] = (np.sort(train[n_v:]), test)
         validation.append(np.sort(train[:n_v]))
     return Split(global_test, clients, validation)
+
+
+def stratified_sample(indices: np.ndarray, labels: np.ndarray, n: int | None,
+                      gen: np.random.Generator) -> np.ndarray:
+    """A seeded random sample of `n` of `indices`, stratified by label; sorted. All of them if n is None or ≥ len.
+
+    Each label gets its proportional share of `n` by largest remainder (ties broken at random), so a
+    capped evaluation set holds the labels of the full set in their proportions (within one example),
+    whatever the order of the file it came from.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if n is None or n >= len(indices):
+        return np.sort(indices)
+    labels = np.asarray(labels)[indices]
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / len(indices)
+    take = np.floor(quota).astype(np.int64)
+    remainder = quota - take + gen.random(len(classes)) * 1e-9  # random tie-break among equal remainders
+    take[np.argsort(-remainder)[: n - int(take.sum())]] += 1
+    picked = [gen.choice(indices[labels == c], size=k, replace=False) for c, k in zip(classes, take, strict=True)]
+    return np.sort(np.concatenate(picked))
 
 
 def label_histogram(labels: list[int] | np.ndarray, num_labels: int) -> np.ndarray:

@@ -69,6 +69,10 @@ class Method:
         return self.upload_factors(t) | ({"head"} if self.head == "shared" else set())
 
     # --- hooks with defaults that fit FedAvg-style methods ---
+    def local_steps(self) -> int:
+        """Optimizer steps a client takes in one round."""
+        return self.cfg.train.local_steps
+
     def setup(self, sim: Simulation) -> None:
         """Called once before round 1 with the adapted model built (e.g. to initialise factors)."""
 
@@ -91,6 +95,12 @@ class Method:
 
     def round_metrics(self, server: Server, t: int) -> dict:
         """Extra columns for round t's metrics row (after aggregation)."""
+        return {}
+
+    def upload_reference(self, server: Server, cid: int) -> dict[str, torch.Tensor]:
+        """What client `cid` started this round with, as the server knows it, for keys the server does not hold
+        (the update it is checked against is upload − start). Default: none; the server's own tensors and the
+        seeded initial state cover every other key."""
         return {}
 
     def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:

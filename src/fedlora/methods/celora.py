@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..adapters import AdaptedModel, factor_of
-from ..seeding import rng
+from ..seeding import rng, torch_generator
 from .base import Method, register
 from .similarity import (
     combine_weights,
@@ -92,7 +92,7 @@ def random_orthonormal(rows: int, r: int, gen: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def init_tri_factors(am: AdaptedModel, mode: str, seed: int) -> None:
     """Set every adapted layer's A, B (C stays 0, so ΔW = 0)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch_generator("adapter_init", seed, 2)
     for layer in am.layers.values():
         k, d = layer.base.weight.shape
         if mode == "svd":
@@ -236,6 +236,9 @@ class CELoRA(Method):
             new = self.newcomer_c(server, cid)
             return new if new is not None else st["fedavg"][1]
         return flat_c(self.init_c, st["keys"])
+
+    def upload_reference(self, server: Server, cid: int) -> dict[str, torch.Tensor]:
+        return self.reference(server, cid)
 
     # ---- per round ----
     def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:

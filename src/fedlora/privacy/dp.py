@@ -22,6 +22,8 @@ import math
 import numpy as np
 import torch
 
+from ..seeding import torch_generator
+
 
 def delta_norm(delta: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(v.double().pow(2).sum()) for v in delta.values()))
@@ -38,8 +40,7 @@ def gaussian(like: dict[str, torch.Tensor], std: float, gen: torch.Generator) ->
     return {k: (torch.randn(v.shape, generator=gen, dtype=torch.float64) * std).to(v.dtype) for k, v in like.items()}
 
 
-def seeded(*key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+SERVER_ID = 2**31 - 1  # the server's own DP-noise stream: an id no client has
 
 
 def privatize_upload(upload: dict[str, torch.Tensor], start: dict[str, torch.Tensor], privacy, seed: int, cid: int,
@@ -49,7 +50,7 @@ def privatize_upload(upload: dict[str, torch.Tensor], start: dict[str, torch.Ten
         return upload
     delta = clip_delta({k: v - start[k] for k, v in upload.items()}, privacy.clip)
     if privacy.dp == "local" and privacy.noise_multiplier > 0:
-        noise = gaussian(delta, privacy.noise_multiplier * privacy.clip, seeded(seed, 105, cid, t))
+        noise = gaussian(delta, privacy.noise_multiplier * privacy.clip, torch_generator("dp_noise", seed, cid, t))
         delta = {k: v + noise[k] for k, v in delta.items()}
     return {k: start[k] + delta[k] for k in upload}
 
@@ -58,7 +59,7 @@ def central_noise(like: dict[str, torch.Tensor], weights: list[float], privacy, 
                   t: int) -> dict[str, torch.Tensor]:
     """The server's noise for the weighted mean of clipped uploads: std σ S max_i p_i."""
     p_max = max(weights) / float(sum(weights))
-    return gaussian(like, privacy.noise_multiplier * privacy.clip * p_max, seeded(seed, 104, t))
+    return gaussian(like, privacy.noise_multiplier * privacy.clip * p_max, torch_generator("dp_noise", seed, SERVER_ID, t))
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,

@@ -335,9 +335,11 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     state = apply_download(call.state, Download(call.cid, call.t + 1, call.download)).full()
     env.am.set_state(state)
     generate, own, on_global = bool(c["generate"]), [], []
-    metrics = {f"personal_{k}": float(v) for k, v in env.measure(env.client_test[call.cid], generate, own).items()}
+    own_m = env.measure(env.client_test[call.cid], generate, own, env.client_prompts[call.cid])
+    metrics = {f"personal_{k}": float(v) for k, v in own_m.items()}
     if bool(c["global_test"]):
-        metrics |= {f"global_{k}": float(v) for k, v in env.measure(env.global_test, generate, on_global).items()}
+        g_m = env.measure(env.global_test, generate, on_global, env.global_prompts)
+        metrics |= {f"global_{k}": float(v) for k, v in g_m.items()}
     records = {"metrics": MetricRecord(metrics)}
     if generate:  # a few generated answers, for the run directory's samples file
         records["samples"] = ConfigRecord({"own": json.dumps(own[:3]), "global": json.dumps(on_global[:3])})
@@ -661,7 +663,7 @@ class FlowerServer:
         def global_test() -> None:  # the one global model on the server's held-out test set, while clients work
             t0 = time.perf_counter()
             sim.am.set_state(dict(server.global_state))
-            server_eval["g"] = sim.measure(sim.global_test, generate, own_samples)
+            server_eval["g"] = sim.measure(sim.global_test, generate, own_samples, sim.global_prompts)
             self.times["server_eval_s"] = time.perf_counter() - t0
 
         if single:

@@ -21,9 +21,10 @@ from safetensors.torch import save_file
 from ..adapters import inject_adapters
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, dump_config
-from ..data import BatchStream, Examples, concat, load_task, split_task, tokenize, tokenize_causal
+from ..data import BatchStream, Examples, concat, load_task, split_task, stratified_sample, tokenize, tokenize_causal
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
 from ..methods import get_method
+from ..seeding import rng, torch_generator
 from ..models import default_targets, load_causal_lm, load_classifier, load_tokenizer
 from ..train import evaluate, evaluate_lm, generate_answers, score_generations
 
@@ -64,25 +65,36 @@ class Simulation:
 
         # data: tokenized once; clients hold index subsets
         t = cfg.task
+        data_seed = cfg.split_seed
         self.task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
-                              max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed,
+                              max_examples=t.max_examples, max_per_class=t.max_per_class, seed=data_seed,
                               keep_labels=t.keep_labels)
-        self.split = split_task(self.task, cfg.partition, cfg.seed)
+        self.split = split_task(self.task, cfg.partition, data_seed)
         self.tokenizer = load_tokenizer(cfg.model.name)
         if self.task.causal:
             everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
         else:
             everything = tokenize(self.tokenizer, self.task.texts, self.task.labels, cfg.model.max_length)
         self.client_train = [everything.subset(tr) for tr, _ in self.split.clients]
-        if cfg.eval.split == "validation":  # tuning: the test splits are never touched
+        # evaluation sets: capped ones are seeded samples stratified by label (category for a causal LM), the
+        # same rule on the test and the validation path, never a prefix of file order
+        labels, e = np.asarray(self.task.labels), cfg.eval
+        if e.split == "validation":  # tuning: the test splits are never touched
             held = self.split.validation
-            pooled = np.concatenate(held)  # a seeded sample, not the first clients' validation sets
-            pooled = np.sort(np.random.default_rng([cfg.seed, 103]).permutation(pooled)[:cfg.eval.max_global_examples])
-            self.global_test = everything.subset(pooled)
+            pooled = np.concatenate(held)  # the clients' validation sets pooled, then sampled
         else:
             held = [te for _, te in self.split.clients]
-            self.global_test = everything.subset(self.split.global_test).head(cfg.eval.max_global_examples)
-        self.client_test = [everything.subset(te).head(cfg.eval.max_client_examples) for te in held]
+            pooled = self.split.global_test
+        g_idx = stratified_sample(pooled, labels, e.max_global_examples, rng("eval_sample", data_seed, 0))
+        c_idx = [stratified_sample(h, labels, e.max_client_examples, rng("eval_sample", data_seed, 1, cid))
+                 for cid, h in enumerate(held)]
+        self.global_test = everything.subset(g_idx)
+        self.client_test = [everything.subset(i) for i in c_idx]
+        # causal LM: the prompts answered by greedy generation, a seeded sample of each evaluation set
+        n_gen = e.generate_examples
+        self.global_prompts = everything.subset(stratified_sample(g_idx, labels, n_gen, rng("eval_sample", data_seed, 2)))
+        self.client_prompts = [everything.subset(stratified_sample(i, labels, n_gen, rng("eval_sample", data_seed, 3, c)))
+                               for c, i in enumerate(c_idx)]
         self.num_clients = cfg.partition.num_clients
 
         # one base model, adapters injected once
@@ -94,7 +106,8 @@ class Simulation:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         a = cfg.adapter
         self.am = inject_adapters(model, a.target_modules or default_targets(model), a.r, a.alpha, a.dropout,
-                                  tri=self.method.tri, head_modules=a.head_modules)
+                                  tri=self.method.tri, head_modules=a.head_modules,
+                                  generator=torch_generator("adapter_init", cfg.seed, 1))
         self.method.setup(self)
         self.init_state = self.am.get_state()
 
@@ -105,7 +118,7 @@ class Simulation:
             cid: self.server.initial_client_state(self.init_state) for cid in range(len(self.train_sets))}
         self.streams = [BatchStream(len(d), cfg.train.batch_size, cfg.seed, cid)
                         for cid, d in enumerate(self.train_sets)]
-        self.dropout_rng = np.random.default_rng([cfg.seed, 102])
+        self.dropout_rng = rng("dropout", cfg.seed)
         self.history: list[dict] = []
 
     # ---- one round ----
@@ -150,15 +163,15 @@ class Simulation:
     def single_model(self) -> bool:
         return self.method.pooled or all(not s.personal for s in self.clients.values())
 
-    def measure(self, data: Examples, generate: bool, samples: list | None = None) -> dict:
-        """The task's metrics of the model as it is now on `data` (and generated answers, for a causal LM)."""
+    def measure(self, data: Examples, generate: bool, samples: list | None = None,
+                prompts: Examples | None = None) -> dict:
+        """The task's metrics of the model as it is now on `data` (and greedy answers to `prompts`, for a causal LM)."""
         bs = self.cfg.eval.batch_size
         if not self.task.causal:
             return evaluate(self.am, data, bs)
         m = evaluate_lm(self.am, data, bs)
-        if generate:
-            gen = generate_answers(self.am, self.tokenizer, data.head(self.cfg.eval.generate_examples),
-                                   self.cfg.eval.max_new_tokens)
+        if generate and prompts is not None:
+            gen = generate_answers(self.am, self.tokenizer, prompts, self.cfg.eval.max_new_tokens)
             m |= score_generations(gen)
             if samples is not None:
                 samples.extend(gen)
@@ -167,7 +180,7 @@ class Simulation:
     def global_eval_clients(self) -> set[int]:
         """The fixed seeded subset of clients whose own models are also measured on the global test set."""
         k = self.cfg.eval.global_clients or self.num_clients
-        return set(np.random.default_rng([self.cfg.seed, 103]).permutation(self.num_clients)[:k].tolist())
+        return set(rng("eval_clients", self.cfg.split_seed).permutation(self.num_clients)[:k].tolist())
 
     def evaluate(self, generate: bool = False) -> dict:
         """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
@@ -175,8 +188,8 @@ class Simulation:
         samples: dict[str, list] = {}
         if self.single_model():
             self.am.set_state(self.eval_state(0))
-            g = self.measure(self.global_test, generate, samples.setdefault("global", []))
-            per_client = [self.measure(d, generate, samples.setdefault(f"client_{c}", []))
+            g = self.measure(self.global_test, generate, samples.setdefault("global", []), self.global_prompts)
+            per_client = [self.measure(d, generate, samples.setdefault(f"client_{c}", []), self.client_prompts[c])
                           for c, d in enumerate(self.client_test)]
         else:
             per_client, gs = [], []
@@ -184,9 +197,10 @@ class Simulation:
             for cid in range(self.num_clients):
                 self.am.set_state(self.eval_state(cid))
                 own = samples.setdefault(f"client_{cid}", [])
-                per_client.append(self.measure(self.client_test[cid], generate, own))
+                per_client.append(self.measure(self.client_test[cid], generate, own, self.client_prompts[cid]))
                 if cid in global_cids:
-                    gs.append(self.measure(self.global_test, generate, samples.setdefault(f"global_by_{cid}", [])))
+                    gs.append(self.measure(self.global_test, generate, samples.setdefault(f"global_by_{cid}", []),
+                                           self.global_prompts))
             g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in METRICS}
         if generate:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,6 +274,11 @@ class Simulation:
         last = next((r for r in reversed(self.history) if "global_loss" in r), {})
         rounds = len(self.history)
         per_client_round = [r["up_raw_adapter_per_client"] for r in self.history]
+        # the final models reach the clients too: counted apart and in the run's totals
+        final = {} if self.method.pooled else self.server.final_download_bytes(list(range(self.num_clients)))
+        totals = dict(self.server.cumulative)
+        for k, v in final.items():
+            totals[f"down_{k}"] += v
         final = {f"{w}_{k}": last.get(f"{w}_{k}") for w in ("global", "personal") for k in METRICS
                  if f"{w}_{k}" in last}
         final |= {k: last[k] for k in ("client_accuracy", "client_perplexity") if k in last}
@@ -268,7 +287,7 @@ class Simulation:
                 "global_accuracy": None, "personal_accuracy": None,  # None for a causal LM; set below otherwise
                 **final, "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
                 "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
-                **self.server.cumulative, "wall_s": wall}
+                **totals, **{f"final_down_{k}": v for k, v in final.items()}, "wall_s": wall}
 
     def write_adapter_meta(self) -> None:
         meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.am.r,
