@@ -275,9 +275,9 @@ class Simulation:
         rounds = len(self.history)
         per_client_round = [r["up_raw_adapter_per_client"] for r in self.history]
         # the final models reach the clients too: counted apart and in the run's totals
-        final = {} if self.method.pooled else self.server.final_download_bytes(list(range(self.num_clients)))
+        final_down = {} if self.method.pooled else self.server.final_download_bytes(list(range(self.num_clients)))
         totals = dict(self.server.cumulative)
-        for k, v in final.items():
+        for k, v in final_down.items():
             totals[f"down_{k}"] += v
         final = {f"{w}_{k}": last.get(f"{w}_{k}") for w in ("global", "personal") for k in METRICS
                  if f"{w}_{k}" in last}
@@ -287,7 +287,7 @@ class Simulation:
                 "global_accuracy": None, "personal_accuracy": None,  # None for a causal LM; set below otherwise
                 **final, "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
                 "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
-                **totals, **{f"final_down_{k}": v for k, v in final.items()}, "wall_s": wall}
+                **totals, **{f"final_down_{k}": v for k, v in final_down.items()}, "wall_s": wall}
 
     def write_adapter_meta(self) -> None:
         meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.am.r,
