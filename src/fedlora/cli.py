@@ -200,7 +200,7 @@ def compare(config: Path = typer.Argument(..., help="base YAML config"),
             set_: list[str] = typer.Option([], "--set", help="override for every run"),
             out: Path | None = typer.Option(None, "--out", help="output folder (default compare/<name>)"),
             overwrite: bool = typer.Option(False, "--overwrite",
-                                           help="rerun runs whose stored config differs from the requested one")) -> None:
+                                           help="rerun runs whose stored config differs from this one")) -> None:
     """Run the same task, partition and budget for each method and seed; write report.md and plots.
 
     Fair by construction: one head policy for all, the data split fixed across seeds (`data_seed`),

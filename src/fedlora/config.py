@@ -95,7 +95,8 @@ class FederationConfig(_Section):
     clients_per_round: int | None = Field(None, gt=0)  # None: every client, every round
     min_clients: int = Field(1, ge=1)
     dropout_rate: float = Field(0.0, ge=0, lt=1)  # a sampled client fails to return with this probability
-    max_update_norm: float | None = Field(None, gt=0)  # reject uploads whose L2 norm is larger
+    # reject an upload whose update (upload − what the client started the round with, L2 over all tensors) is larger
+    max_update_norm: float | None = Field(None, gt=0)
 
 
 class TrainConfig(_Section):

@@ -116,7 +116,8 @@ class Server:
                 return f"{k}: contains NaN or Inf"
             sq += float((v.double() - start[k].double()).pow(2).sum())
         if self.fed.max_update_norm is not None and math.sqrt(sq) > self.fed.max_update_norm:
-            return f"update norm ‖upload − round start‖ = {math.sqrt(sq):.4g} > max_update_norm {self.fed.max_update_norm}"
+            return f"update norm ‖upload − round start‖ = {math.sqrt(sq):.4g} > max_update_norm " \
+                   f"{self.fed.max_update_norm}"
         return None
 
     def aggregate(self, t: int, uploads: list[Upload]) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ..seeding import torch_generator
@@ -59,7 +58,8 @@ def central_noise(like: dict[str, torch.Tensor], weights: list[float], privacy, 
                   t: int) -> dict[str, torch.Tensor]:
     """The server's noise for the weighted mean of clipped uploads: std σ S max_i p_i."""
     p_max = max(weights) / float(sum(weights))
-    return gaussian(like, privacy.noise_multiplier * privacy.clip * p_max, torch_generator("dp_noise", seed, SERVER_ID, t))
+    std = privacy.noise_multiplier * privacy.clip * p_max
+    return gaussian(like, std, torch_generator("dp_noise", seed, SERVER_ID, t))
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,

@@ -24,8 +24,8 @@ from ..config import RunConfig, dump_config
 from ..data import BatchStream, Examples, concat, load_task, split_task, stratified_sample, tokenize, tokenize_causal
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
 from ..methods import get_method
-from ..seeding import rng, torch_generator
 from ..models import default_targets, load_causal_lm, load_classifier, load_tokenizer
+from ..seeding import rng, torch_generator
 from ..train import evaluate, evaluate_lm, generate_answers, score_generations
 
 log = logging.getLogger("fedlora")
@@ -92,9 +92,11 @@ class Simulation:
         self.client_test = [everything.subset(i) for i in c_idx]
         # causal LM: the prompts answered by greedy generation, a seeded sample of each evaluation set
         n_gen = e.generate_examples
-        self.global_prompts = everything.subset(stratified_sample(g_idx, labels, n_gen, rng("eval_sample", data_seed, 2)))
-        self.client_prompts = [everything.subset(stratified_sample(i, labels, n_gen, rng("eval_sample", data_seed, 3, c)))
-                               for c, i in enumerate(c_idx)]
+        self.global_prompts = everything.subset(
+            stratified_sample(g_idx, labels, n_gen, rng("eval_sample", data_seed, 2)))
+        self.client_prompts = [
+            everything.subset(stratified_sample(i, labels, n_gen, rng("eval_sample", data_seed, 3, c)))
+            for c, i in enumerate(c_idx)]
         self.num_clients = cfg.partition.num_clients
 
         # one base model, adapters injected once
