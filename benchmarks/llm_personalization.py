@@ -9,7 +9,7 @@ questions of all categories (mean over 3 clients' models for the personalized me
 of greedy answers to each client's held-out questions at the last round. The untrained model's
 (ΔW = 0) perplexity is measured once as the baseline.
 
-    .venv/bin/python benchmarks/llm_personalization.py            # ~20 min on 2 cores
+    .venv/bin/python benchmarks/llm_personalization.py            # 3 seeds: ~45 min on 2 cores
     .venv/bin/python benchmarks/llm_personalization.py --quick    # tiny random Llama, seconds (test suite)
 """
 
@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sweep import markdown, run_arms, save_figure, write_json
+import numpy as np
+from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, write_json
+
+from fedlora.report import call_text
 
 METHODS = ["fedit", "ffa", "rolora", "celora", "local"]
 CATEGORIES = ["trivia", "emotion", "conversations", "AI", "coding", "psychology", "literature", "computers"]
@@ -47,29 +50,45 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="default 3")
     ap.add_argument("--steps", type=int, default=None, help="local steps per round (default 4)")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (the 135M model uses both cores well)")
+    ap.add_argument("--seeds", type=int, default=None, help="training seeds (default 3; quick 1)")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     rounds, steps = args.rounds or (1 if args.quick else 3), args.steps or (1 if args.quick else 4)
     name = "llm_personalization" + ("_quick" if args.quick else "")
+    seeds = args.seeds or (1 if args.quick else 3)
     arms = [(m, config(args.quick, m, rounds, steps)) for m in args.methods.split(",")]
-    results = run_arms(arms, Path(args.out) / name, jobs=args.jobs)
-    baseline = next((s["baseline"] for s, _ in results.values() if "baseline" in s), {})
+    results = by_arm(run_arms(with_seeds(arms, seeds), Path(args.out) / name, jobs=args.jobs))
+    baseline = next((s["baseline"] for runs in results.values() for s, _ in runs if "baseline" in s), {})
     rows = [{"method": "base model (no training)", "personal_perplexity": baseline.get("personal_perplexity"),
              "global_perplexity": baseline.get("global_perplexity"), "up_mb": 0.0}] if baseline else []
-    for label, (s, _) in results.items():
+    ppl = {label: values(runs, "personal_perplexity") for label, runs in results.items()}
+    best = min(ppl, key=lambda m: np.mean(ppl[m]))
+    for label, runs in results.items():
         before = baseline.get("client_perplexity")
-        rows.append({"method": label, "personal_perplexity": s.get("personal_perplexity"),
-                     "global_perplexity": s.get("global_perplexity"), "personal_rouge_l": s.get("personal_rouge_l"),
-                     "global_rouge_l": s.get("global_rouge_l"),
-                     "improved": (f"{sum(a < b for a, b in zip(s['client_perplexity'], before, strict=True))}"
-                                  f" / {len(before)}") if before else None,
+        s = runs[0][0]
+
+        def mean(key: str, runs=runs) -> float | None:
+            xs = values(runs, key)
+            return float(np.mean(xs)) if xs else None
+
+        improved = [sum(a < b for a, b in zip(r["client_perplexity"], before, strict=True)) for r, _ in runs] \
+            if before else None
+        rows.append({"method": label, "personal_perplexity": mean("personal_perplexity"),
+                     "personal_perplexity_std": float(np.std(ppl[label], ddof=1)) if len(ppl[label]) > 1 else None,
+                     "vs_best": "best" if label == best else call_text(ppl[label], ppl[best]),
+                     "global_perplexity": mean("global_perplexity"), "personal_rouge_l": mean("personal_rouge_l"),
+                     "global_rouge_l": mean("global_rouge_l"),
+                     "improved": f"{min(improved)}-{max(improved)} / {len(before)}" if before else None,
                      "up_mb": s["up_raw"] / 1e6, "up_per_client_round": s["up_raw_adapter_per_client_round"],
-                     "wall_s": s["wall_s"]})
-    write_json(Path(args.out) / f"{name}.json", {"rounds": rounds, "local_steps": steps, "rows": rows})
+                     "wall_s": mean("wall_s")})
+    write_json(Path(args.out) / f"{name}.json", {"rounds": rounds, "local_steps": steps, "seeds": seeds,
+                                                 "rows": rows})
     plot(rows, Path(args.out) / f"{name}.png")
     print(f"SmolLM2-135M-Instruct, {len(CATEGORIES)} category clients, {rounds} rounds x {steps} local steps "
-          f"(batch 4), one seed" if not args.quick else "quick: tiny random Llama")
+          f"(batch 4), {seeds} seed(s): means, sample std; lower perplexity wins only beyond 2 SE"
+          if not args.quick else "quick: tiny random Llama")
     print(markdown(rows, [("method", "method", "s"), ("personal_perplexity", "personalized ppl", ".2f"),
+                          ("personal_perplexity_std", "± std", ".2f"), ("vs_best", "vs best (2-SE call)", "s"),
                           ("improved", "clients improved", "s"), ("global_perplexity", "global ppl", ".2f"),
                           ("personal_rouge_l", "personalized ROUGE-L", ".3f"),
                           ("global_rouge_l", "global ROUGE-L", ".3f"),

@@ -56,6 +56,27 @@ def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str
     return {label: read_run(out / "runs" / label) for label, _ in arms}
 
 
+def with_seeds(arms: list[tuple[str, dict]], seeds: int) -> list[tuple[str, dict]]:
+    """Each arm once per training seed 0..seeds-1 (label `<arm>@s<k>`), all on the arm's one data split."""
+    out = []
+    for label, cfg in arms:
+        data_seed = cfg.get("data_seed", cfg.get("seed", 0))
+        out += [(f"{label}@s{k}", {**cfg, "seed": k, "data_seed": data_seed}) for k in range(seeds)]
+    return out
+
+
+def by_arm(results: dict[str, tuple[dict, list[dict]]]) -> dict[str, list[tuple[dict, list[dict]]]]:
+    """{arm label: [(summary, rows) for each seed]} from `run_arms` over `with_seeds` arms."""
+    out: dict[str, list] = {}
+    for label, run in results.items():
+        out.setdefault(label.rsplit("@s", 1)[0], []).append(run)
+    return out
+
+
+def values(runs: list[tuple[dict, list[dict]]], key: str) -> list[float]:
+    return [s[key] for s, _ in runs if s.get(key) is not None]
+
+
 def markdown(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     """cols: (key, header, format); a missing or None value prints as '-'."""
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]

@@ -21,7 +21,7 @@ def head_bytes_per_upload(rows: list[dict]) -> float:
     return sum(r["up_raw_head"] for r in rows) / max(1, n_up)
 
 
-def _mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float]) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
         return "–"
@@ -42,6 +42,24 @@ def quality_key(runs: list[tuple[dict, list[dict]]]) -> tuple[str, bool]:
     return "personal_perplexity", False
 
 
+def difference_call(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> tuple[float, float | None]:
+    """mean(a) − mean(b) and two standard errors of that difference, 2·sqrt(s_a²/n_a + s_b²/n_b) with sample
+    stds; None when either side has one value (no call can be made). A win needs |difference| > 2 SE."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return diff, None
+    return diff, 2.0 * float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+
+
+def call_text(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> str:
+    """'+0.012 (within 2 SE = 0.020)', '+0.050 (beyond 2 SE = 0.020)' or '+0.010 (1 seed: no call)'."""
+    diff, two_se = difference_call(a, b)
+    if two_se is None:
+        return f"{diff:+.3f} (1 seed: no call)"
+    return f"{diff:+.3f} ({'beyond' if abs(diff) > two_se else 'within'} 2 SE = {two_se:.3f})"
+
+
 def versus_best(groups: dict[str, list[tuple[dict, list[dict]]]], key: str, higher: bool) -> dict[str, str]:
     """Each method against the best mean: the difference, and whether it exceeds two standard errors of the
     difference, SE = sqrt(s_a²/n_a + s_b²/n_b) (sample std over seeds). Only then is it a win; one seed: never."""
@@ -50,18 +68,7 @@ def versus_best(groups: dict[str, list[tuple[dict, list[dict]]]], key: str, high
     if not vals:
         return {}
     best = (max if higher else min)(vals, key=lambda m: vals[m].mean())
-    out = {best: "best"}
-    b = vals[best]
-    for m, v in vals.items():
-        if m == best:
-            continue
-        diff = v.mean() - b.mean()
-        if len(v) < 2 or len(b) < 2:
-            out[m] = f"{diff:+.3f} (1 seed: no call)"
-            continue
-        se = float(np.sqrt(v.var(ddof=1) / len(v) + b.var(ddof=1) / len(b)))
-        out[m] = f"{diff:+.3f} ({'beyond' if abs(diff) > 2 * se else 'within'} 2 SE = {2 * se:.3f})"
-    return out
+    return {m: "best" if m == best else call_text(v, vals[best]) for m, v in vals.items()}
 
 
 def markdown_table(runs: list[tuple[dict, list[dict]]]) -> str:
@@ -76,8 +83,8 @@ def markdown_table(runs: list[tuple[dict, list[dict]]]) -> str:
         s0, rows0 = group[0]
         head_per = [head_bytes_per_upload(rows) for _, rows in group]
         lines.append(
-            f"| {method} | {s0['head']} | {len(group)} | {_mean_std([s['global_accuracy'] for s, _ in group])} "
-            f"| {_mean_std([s['personal_accuracy'] for s, _ in group])} | {vs.get(method, '–')} "
+            f"| {method} | {s0['head']} | {len(group)} | {mean_std([s['global_accuracy'] for s, _ in group])} "
+            f"| {mean_std([s['personal_accuracy'] for s, _ in group])} | {vs.get(method, '–')} "
             f"| {np.mean([s['up_raw'] for s, _ in group]) / 1e6:.3f} "
             f"| {np.mean([s['down_raw'] for s, _ in group]) / 1e6:.3f} "
             f"| {np.mean([s['up_raw_adapter_per_client_round'] for s, _ in group]):,.0f} "
