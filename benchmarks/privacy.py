@@ -15,7 +15,7 @@ every method clips about half its updates. epsilon at delta 1e-5 after all round
 RDP accountant (every client every round: sampling rate 1); CE-LoRA's data descriptor is released
 once with the same noise multiplier (clipped to norm 1) and composed into its epsilon.
 
-    .venv/bin/python benchmarks/privacy.py            # ~30 min on 2 cores
+    .venv/bin/python benchmarks/privacy.py            # DP part at 3 seeds: ~60 min on 2 cores
     .venv/bin/python benchmarks/privacy.py --quick    # tiny random BERT, seconds (test suite)
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sweep import markdown, run_arms, save_figure, write_json
+from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, write_json
 
 from fedlora.config import build_config
 from fedlora.federation import apply_download, client_fit
@@ -102,14 +102,17 @@ def accuracy_vs_epsilon(args, out: Path) -> list[dict]:
             if m == "celora":  # its data descriptor is released once with the same noise multiplier (in epsilon)
                 c["method"]["celora"] = {"descriptor_sigma": s}
             arms.append((f"{m}-sigma{s:g}", c))
-    results = run_arms(arms, out / "dp", jobs=1 if args.quick else args.jobs)
+    results = by_arm(run_arms(with_seeds(arms, args.seeds), out / "dp", jobs=1 if args.quick else args.jobs))
     rows = []
-    for label, (s, hist) in results.items():
+    for label, runs in results.items():
         m, arm = label.split("-", 1)
+        acc = values(runs, "personal_accuracy")
         rows.append({"method": m, "sigma": None if arm == "nodp" else float(arm.removeprefix("sigma")),
-                     "clip": clips[m], "epsilon": hist[-1].get("epsilon"),
-                     "personal_accuracy": s["personal_accuracy"], "global_accuracy": s["global_accuracy"],
-                     "wall_s": s["wall_s"]})
+                     "clip": clips[m], "epsilon": runs[0][1][-1].get("epsilon"), "seeds": len(runs),
+                     "personal_accuracy": float(np.mean(acc)),
+                     "personal_accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
+                     "global_accuracy": float(np.mean(values(runs, "global_accuracy"))),
+                     "wall_s": float(np.mean(values(runs, "wall_s")))})
     return rows
 
 
@@ -155,8 +158,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=10, help="DP runs: clients")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--skip", choices=["attack", "dp"], default=None)
+    ap.add_argument("--seeds", type=int, default=None, help="DP runs: training seeds (default 3; quick 1)")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
+    args.seeds = args.seeds or (1 if args.quick else 3)
     args.batches = args.batches or (1 if args.quick else 3)
     args.attack_steps = args.attack_steps or (20 if args.quick else 200)
     args.rounds, args.steps = args.rounds or (2 if args.quick else 4), args.steps or (2 if args.quick else 5)
@@ -171,7 +176,8 @@ def main() -> None:
         plot(rec, dp, Path(args.out) / f"{name}.png")
     if dp:
         print(markdown(dp, [("method", "method", "s"), ("sigma", "sigma", "g"), ("clip", "clip S", ".3g"),
-                            ("epsilon", "epsilon", ".3g"), ("personal_accuracy", "personalized acc", ".3f"),
+                            ("epsilon", "epsilon", ".3g"), ("seeds", "seeds", "d"),
+                            ("personal_accuracy", "personalized acc", ".3f"), ("personal_accuracy_std", "± std", ".3f"),
                             ("global_accuracy", "global acc", ".3f"), ("wall_s", "wall s", ".0f")]))
         print()
     if rec:
