@@ -203,3 +203,17 @@ def test_a_win_needs_two_standard_errors():
 def test_plot_styles_keep_methods_apart():
     styles = [(_style(i)["marker"], _style(i)["linestyle"]) for i in range(11)]
     assert len(set(styles)) == 11
+
+
+def test_central_dp_epsilon_uses_the_clients_sampling_rate(tmp_path):
+    """Central DP amplifies by subsampling: 2 of 10 clients per round spend less than every client every round."""
+    from fedlora.privacy.dp import epsilon, run_epsilon
+
+    def cfg(k):
+        base = tiny_config(tmp_path, partition={"num_clients": 10, "scheme": "iid"},
+                           federation={"rounds": 3, "clients_per_round": k})
+        return build_config({**base, "privacy": {"dp": "central", "clip": 1.0, "noise_multiplier": 1.0}})
+
+    sampled, everyone = run_epsilon(cfg(2), 3), run_epsilon(cfg(None), 3)
+    assert sampled < everyone
+    assert sampled == pytest.approx(epsilon(1.0, 0.2, 3, 1e-5))
