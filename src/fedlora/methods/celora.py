@@ -238,7 +238,8 @@ class CELoRA(Method):
         return flat_c(self.init_c, st["keys"])
 
     def upload_reference(self, server: Server, cid: int) -> dict[str, torch.Tensor]:
-        return self.reference(server, cid)
+        st = self.state(server)
+        return self.unflatten(st, self.start_c(server, cid)) if st["keys"] else dict(self.init_c)
 
     # ---- per round ----
     def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:
