@@ -287,3 +287,17 @@ def test_a_low_rank_client_exports_at_its_own_rank_and_loads_in_peft(tmp_path):
     sim.am.set_state(load_file(str(sim.run_dir / "states" / f"client_{cid}.safetensors")))
     peft_model = PeftModel.from_pretrained(load_classifier("tiny-bert", sim.task.num_labels, 0), out).eval()
     assert torch.allclose(sim.am.model(**x).logits, peft_model(**x).logits, atol=1e-5)
+
+
+def test_set_state_at_a_lower_rank_zeroes_the_rest_and_get_state_returns_that_rank(tmp_path):
+    sim = make_sim(tmp_path, method={"name": "hetlora"}, adapter={"r": 4, "alpha": 8, "client_ranks": RANKS})
+    layer = sim.am.targets[0]
+    full = {k: torch.randn_like(v) for k, v in sim.init_state.items() if k.startswith(layer + ".")}
+    sim.am.set_state(full)  # rank 8 everywhere in this layer
+    sim.am.set_state({f"{layer}.A": full[f"{layer}.A"][:2], f"{layer}.B": full[f"{layer}.B"][:, :2]})
+    lr = sim.am.layers[layer]
+    assert torch.equal(lr.A[2:], torch.zeros_like(lr.A[2:])) and torch.equal(lr.B[:, 2:], torch.zeros_like(lr.B[:, 2:]))
+    got = sim.am.get_state({"A", "B"})
+    assert got[f"{layer}.A"].shape == (2, 32) and got[f"{layer}.B"].shape == (32, 2)
+    with pytest.raises(ValueError, match="different ranks"):
+        sim.am.set_state({f"{layer}.A": full[f"{layer}.A"][:2], f"{layer}.B": full[f"{layer}.B"][:, :4]})
