@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("client_scaling.py", ["--methods", "fedit,rolora"], "client_scaling_quick.json"),
     ("privacy.py", ["--attack-methods", "full,celora", "--dp-methods", "fedit,celora"], "privacy_quick.json"),
     ("llm_personalization.py", ["--methods", "fedit,celora"], "llm_personalization_quick.json"),
+    ("heterogeneous_ranks.py", [], "heterogeneous_ranks_quick.json"),
 ])
 def test_benchmark_quick(tmp_path, script, args, out):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path),

@@ -187,14 +187,15 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory"),
             f"clients are 0..{meta['num_clients'] - 1}"
         fail(f"no state file {path} ({hint})")
     base = meta["model"] if meta["model"] == "tiny-bert" else _guard(resolve_model_path, meta["model"])
-    export_peft(load_file(str(path)), out, r=meta["r"], alpha=meta["alpha"], targets=meta["targets"],
-                head_modules=meta["head_modules"], base_model=base, task_type=meta.get("task_type", "SEQ_CLS"))
+    _guard(export_peft, load_file(str(path)), out, r=meta["r"], alpha=meta["alpha"], targets=meta["targets"],
+           head_modules=meta["head_modules"], base_model=base, task_type=meta.get("task_type", "SEQ_CLS"))
     console.print(f"wrote PEFT adapter to {out}")
 
 
 @app.command()
 def compare(config: Path = typer.Argument(..., help="base YAML config"),
-            methods: str = typer.Option("fedit,ffa,rolora,fedsa,celora,local,centralized", help="comma-separated"),
+            methods: str = typer.Option("fedit,ffa,rolora,fedsa,celora,local,centralized",
+                                        help="comma-separated (also hetlora, flexlora, flora, fedex)"),
             seeds: int = typer.Option(3, help="training seeds per method (0, 1, ...), on one data split"),
             head: str = typer.Option("personal", "--head", help="head policy for every method: shared | personal"),
             set_: list[str] = typer.Option([], "--set", help="override for every run"),

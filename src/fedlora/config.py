@@ -57,6 +57,9 @@ class AdapterConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None  # None: query/value (BERT-style), q/k/v/o_proj (Llama-style)
     head_modules: list[str] | None = None  # None: detected ("classifier" / "score")
+    # heterogeneous ranks: one rank per client, or tiers {rank: fraction of clients} assigned by a seeded
+    # permutation (fedlora/ranks.py); the scale alpha / r stays the same on every client
+    client_ranks: list[int] | dict[int, float] | None = None
 
 
 class CELoRAConfig(_Section):
@@ -84,10 +87,17 @@ class CELoRAConfig(_Section):
     param_center: bool = False  # subtract the round's mean ΔC before the cosine (removes the drift all share)
 
 
+class HetLoRAConfig(_Section):
+    aggregation: Literal["zero_pad", "sparsity"] = "zero_pad"  # sparsity: weights ∝ ||B_i A_i||_F per layer
+    prune_gamma: float = Field(1.0, gt=0, le=1)  # self-pruning: r_i <- floor(gamma r_i) when the tail shrinks; 1: off
+    min_rank: int = Field(1, gt=0)  # self-pruning never goes below this rank
+
+
 class MethodConfig(_Section):
     name: str = "fedit"
     head: Literal["shared", "personal"] | None = None  # None: the method's default
     celora: CELoRAConfig = Field(default_factory=CELoRAConfig)
+    hetlora: HetLoRAConfig = Field(default_factory=HetLoRAConfig)
 
 
 class FederationConfig(_Section):
@@ -175,6 +185,13 @@ class RunConfig(_Section):
         if self.privacy.dp != "none" and self.method.name == "celora" and c.beta > 0 and c.descriptor_sigma == 0:
             raise ValueError("privacy.dp is on but CE-LoRA's data descriptor (used when method.celora.beta > 0) "
                              "would be released without noise: set method.celora.descriptor_sigma > 0 or beta 0")
+        cr = self.adapter.client_ranks
+        if isinstance(cr, list) and len(cr) != n:
+            raise ValueError(f"adapter.client_ranks: {len(cr)} ranks for partition.num_clients {n}")
+        if cr is not None and (not cr or min(cr) <= 0):
+            raise ValueError(f"adapter.client_ranks: ranks must be positive, got {cr}")
+        if isinstance(cr, dict) and (min(cr.values()) <= 0 or abs(sum(cr.values()) - 1) > 1e-6):
+            raise ValueError(f"adapter.client_ranks: tier fractions must be positive and sum to 1, got {cr}")
         if self.eval.split == "validation" and self.partition.client_val_fraction == 0:
             raise ValueError("eval.split is 'validation' but partition.client_val_fraction is 0")
         return self

@@ -23,6 +23,7 @@ from .adapters import AdaptedModel, factor_of
 from .config import FederationConfig, TrainConfig
 from .data import BatchStream, Examples
 from .methods import Method
+from .ranks import rank_shape, truncate
 from .seeding import rng, torch_seed
 from .train import local_train
 
@@ -35,6 +36,7 @@ class Download:
     client: int
     round: int
     tensors: dict[str, torch.Tensor]
+    wire: dict[str, torch.Tensor] | None = None  # what is sent and counted, when not `tensors` (FLoRA)
 
 
 @dataclass
@@ -73,10 +75,14 @@ class Server:
         self.init_state = init_state  # every client's seeded start; the reference for keys the server never sent
         self.extra: dict = {}  # method-specific server state
 
-    def initial_client_state(self, init_state: dict[str, torch.Tensor]) -> ClientState:
-        # the seeded initial adapter, identical on every client; shared keys reference the server's
-        return ClientState(shared=dict(self.global_state),
-                           personal={k: v.clone() for k, v in init_state.items() if k not in self.global_state})
+    def initial_client_state(self, init_state: dict[str, torch.Tensor], cid: int | None = None) -> ClientState:
+        # the seeded initial adapter, identical on every client; shared keys reference the server's.
+        # With heterogeneous ranks, client `cid` starts from the leading r_cid components of it.
+        personal = {k: v.clone() for k, v in init_state.items() if k not in self.global_state}
+        if cid is None:
+            return ClientState(shared=dict(self.global_state), personal=personal)
+        r = self.method.client_rank(self, cid)
+        return ClientState(shared=truncate(self.global_state, r), personal=truncate(personal, r))
 
     def sample(self) -> list[int]:
         k = self.fed.clients_per_round
@@ -86,6 +92,7 @@ class Server:
 
     def download(self, cid: int, t: int) -> Download:
         dl = Download(cid, t, self.method.download(self, cid, t))
+        dl.wire = self.method.download_wire(self, cid, t, dl.tensors)
         self.synced[cid] = self.last_round
         return dl
 
@@ -106,15 +113,18 @@ class Server:
             return f"n_examples must be positive, got {up.n_examples}"
         sq = 0.0
         start = {**self.init_state, **self.global_state, **self.method.upload_reference(self, up.client)}
+        rank = self.method.client_rank(self, up.client)  # each client's uploads are checked at its own rank
         for k, v in up.tensors.items():
             shape, dtype = self.spec[k]
+            shape = rank_shape(k, shape, rank)
             if tuple(v.shape) != shape:
                 return f"{k}: shape {tuple(v.shape)} != {shape}"
             if v.dtype != dtype:
                 return f"{k}: dtype {v.dtype} != {dtype}"
             if not torch.isfinite(v).all():
                 return f"{k}: contains NaN or Inf"
-            sq += float((v.double() - start[k].double()).pow(2).sum())
+            ref = start[k] if tuple(start[k].shape) == shape else truncate({k: start[k]}, rank)[k]
+            sq += float((v.double() - ref.double()).pow(2).sum())
         if self.fed.max_update_norm is not None and math.sqrt(sq) > self.fed.max_update_norm:
             return f"update norm ‖upload − round start‖ = {math.sqrt(sq):.4g} > max_update_norm " \
                    f"{self.fed.max_update_norm}"
@@ -138,7 +148,7 @@ class Server:
         """Validate, aggregate and count one round; `uploads[cid]` is None for a client that never returned."""
         up, down = dict.fromkeys(BYTE_KEYS, 0), dict.fromkeys(BYTE_KEYS, 0)
         for dl in downloads.values():
-            for k, v in payload_bytes(dl.tensors).items():
+            for k, v in payload_bytes(dl.tensors if dl.wire is None else dl.wire).items():
                 down[k] += v
         accepted, rejected, losses = [], [], []
         dropped = [cid for cid in downloads if uploads.get(cid) is None]

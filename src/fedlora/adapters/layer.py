@@ -2,6 +2,8 @@
 
 LoRA keeps A (r×d, down) and B (k×r, up); the tri-matrix form adds a dense core C (r×r) between
 them (CE-LoRA). W0 stays frozen; which of A, B, C train is set per round by the method.
+Methods that fold updates into the base weights (FLoRA, FedEx-LoRA) get W (k×d), a frozen full
+update held by the server: y = (W0 + W) x + s · B A x, with W0 itself never modified.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 class LowRankLinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, tri: bool = False,
-                 generator: torch.Generator | None = None):
+                 scale: float | None = None, full_update: bool = False, generator: torch.Generator | None = None):
         super().__init__()
         k, d = base.weight.shape  # (out, in)
         if r > min(k, d):
@@ -23,12 +25,13 @@ class LowRankLinear(nn.Module):
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        self.r, self.scale = r, alpha / r
+        self.r, self.scale = r, alpha / r if scale is None else scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dev, dt = base.weight.device, base.weight.dtype
         self.A = nn.Parameter(torch.empty(r, d, device=dev, dtype=dt))  # (r, in)
         self.B = nn.Parameter(torch.zeros(k, r, device=dev, dtype=dt))  # (out, r)
         self.C = nn.Parameter(torch.zeros(r, r, device=dev, dtype=dt)) if tri else None  # (r, r)
+        self.W = nn.Parameter(torch.zeros(k, d, device=dev, dtype=dt), requires_grad=False) if full_update else None
         # PEFT's LoRA init; B = 0 -> ΔW = 0. A comes from the run's own generator, not torch's global one
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
         self.merged = False
@@ -47,7 +50,10 @@ class LowRankLinear(nn.Module):
         return self.scale * (up @ self.A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if self.W is None:
+            y = self.base(x)
+        else:  # (W0 + W) x: the sum costs k·d adds, small beside the product
+            y = nn.functional.linear(x, self.base.weight + self.W, self.base.bias)
         if self.merged:
             return y
         h = self.dropout(x) @ self.A.t()  # (..., r)

@@ -1,7 +1,12 @@
 """Injection into a Hugging Face model and adapter state as flat `{name: tensor}` dicts.
 
-Keys: `<module path>.A|B|C` for low-rank factors, the parameter name (e.g. `classifier.weight`)
-for the task head, whose factor is `head`. The base model's own weights are never in the state.
+Keys: `<module path>.A|B|C` for low-rank factors, `<module path>.W` for a full update folded into
+the frozen weight (FLoRA, FedEx-LoRA), the parameter name (e.g. `classifier.weight`) for the task
+head, whose factor is `head`. The base model's own weights are never in the state.
+
+Heterogeneous ranks: layers are built at the largest rank R; `set_state` takes A (r×d) and B (k×r)
+at any r ≤ R (the rest of the layer's A rows and B columns set to 0, which keeps them 0 in training:
+see fedlora/ranks.py) and `get_state` returns them at the rank last set.
 """
 
 from __future__ import annotations
@@ -14,13 +19,13 @@ from torch import nn
 
 from .layer import LowRankLinear
 
-FACTORS = ("A", "B", "C", "head")
+FACTORS = ("A", "B", "C", "W", "head")
 _HEAD_CANDIDATES = ("classifier", "score")
 
 
 def factor_of(key: str) -> str:
     last = key.rsplit(".", 1)[-1]
-    return last if last in ("A", "B", "C") else "head"
+    return last if last in ("A", "B", "C", "W") else "head"
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -46,6 +51,8 @@ def inject_adapters(
     dropout: float = 0.0,
     tri: bool = False,
     head_modules: list[str] | None = None,
+    scale: float | None = None,
+    full_update: bool = False,
     generator: torch.Generator | None = None,
 ) -> AdaptedModel:
     """Replace every matching nn.Linear by a LowRankLinear; freeze everything but adapters and head.
@@ -63,12 +70,15 @@ def inject_adapters(
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LowRankLinear(getattr(parent, child), r, alpha, dropout, tri, generator))
+        setattr(parent, child, LowRankLinear(getattr(parent, child), r, alpha, dropout, tri, scale, full_update,
+                                             generator))
     names = dict(model.named_modules())
     for h in head_modules:
         if h not in names:
             raise ValueError(f"adapter.head_modules: no module named '{h}' in the model")
-    return AdaptedModel(model, targets, head_modules, r=r, alpha=alpha, tri=tri)
+    am = AdaptedModel(model, targets, head_modules, r=r, alpha=alpha, tri=tri)
+    am.scale = alpha / r if scale is None else scale
+    return am
 
 
 class AdaptedModel:
@@ -78,10 +88,12 @@ class AdaptedModel:
                  tri: bool):
         self.model, self.targets, self.head_modules = model, targets, head_modules
         self.r, self.alpha, self.tri = r, alpha, tri
+        self.scale = alpha / r
+        self.rank: dict[str, int] = dict.fromkeys(targets, r)  # each layer's rank as last set (≤ r)
         self.layers: dict[str, LowRankLinear] = {t: model.get_submodule(t) for t in targets}
         self._params: dict[str, nn.Parameter] = {}
         for t, layer in self.layers.items():
-            for f in ("A", "B", "C"):
+            for f in ("A", "B", "C", "W"):
                 p = getattr(layer, f)
                 if p is not None:
                     self._params[f"{t}.{f}"] = p
@@ -97,18 +109,37 @@ class AdaptedModel:
         return [self._params[k] for k in self.keys(factors)]
 
     def get_state(self, factors: Iterable[str] = FACTORS) -> dict[str, torch.Tensor]:
-        """A detached copy of the adapter state for the given factors."""
-        return {k: self._params[k].detach().clone() for k in self.keys(factors)}
+        """A detached copy of the adapter state for the given factors (A, B at each layer's rank as last set)."""
+        out = {}
+        for k in self.keys(factors):
+            p, f = self._params[k].detach(), factor_of(k)
+            r = self.rank[k.rsplit(".", 1)[0]] if f in ("A", "B") else None
+            out[k] = (p[:r] if f == "A" else p[:, :r] if f == "B" else p).clone().contiguous()
+        return out
 
     @torch.no_grad()
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        ranks: dict[str, int] = {}
         for k, v in state.items():
             p = self._params.get(k)
             if p is None:
                 raise KeyError(f"unknown adapter key '{k}'")
-            if p.shape != v.shape:
-                raise ValueError(f"adapter key '{k}': shape {tuple(v.shape)} != {tuple(p.shape)}")
-            p.copy_(v)
+            f = factor_of(k)
+            if p.shape == v.shape:
+                p.copy_(v)
+            elif f == "A" and v.ndim == 2 and v.shape[1] == p.shape[1] and v.shape[0] < p.shape[0]:
+                p[: v.shape[0]].copy_(v)  # a lower-rank state: the leading rows, the rest 0
+                p[v.shape[0]:].zero_()
+            elif f == "B" and v.ndim == 2 and v.shape[0] == p.shape[0] and v.shape[1] < p.shape[1]:
+                p[:, : v.shape[1]].copy_(v)
+                p[:, v.shape[1]:].zero_()
+            else:
+                raise ValueError(f"adapter key '{k}': shape {tuple(v.shape)} does not fit {tuple(p.shape)}")
+            if f in ("A", "B"):
+                layer, r = k.rsplit(".", 1)[0], int(v.shape[0] if f == "A" else v.shape[1])
+                if ranks.setdefault(layer, r) != r:
+                    raise ValueError(f"adapter layer '{layer}': A and B have different ranks")
+                self.rank[layer] = r
 
     def set_trainable(self, factors: Iterable[str]) -> None:
         """requires_grad on exactly these factors' parameters (the base model stays frozen)."""

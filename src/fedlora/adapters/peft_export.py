@@ -2,6 +2,9 @@
 
 PEFT's LoRA computes W0 x + (alpha / r) · lora_B(lora_A(x)); the tri-matrix form B C A is exported
 with C folded into B (lora_B = B C), which is exact. The task head goes to `modules_to_save`.
+A client of a heterogeneous-rank run is exported at its own rank r_i, with lora_alpha = s · r_i so
+that the scale s = alpha / r of the run is kept. A state with a full update W folded into the base
+weights (FLoRA, FedEx-LoRA) is refused: a LoRA folder cannot hold it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ def export_peft(
     task_type: str | None = "SEQ_CLS",
     dropout: float = 0.0,
 ) -> Path:
+    if any(factor_of(k) == "W" and bool(v.any()) for k, v in state.items()):
+        raise ValueError("export: this run folded full updates W (k×d) into the base weights (flora / fedex); "
+                         "a PEFT LoRA folder cannot hold them (the states/ files have W)")
+    ranks = {int(state[f"{t}.A"].shape[0]) for t in targets}
+    if len(ranks) != 1:
+        raise ValueError(f"export: the adapted layers have different ranks {sorted(ranks)}")
+    rank = ranks.pop()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -43,8 +53,8 @@ def export_peft(
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model,
-        "r": r,
-        "lora_alpha": alpha,
+        "r": rank,
+        "lora_alpha": alpha / r * rank,  # keeps the run's scale alpha / r at this state's rank
         "lora_dropout": dropout,
         "target_modules": sorted(targets),
         "modules_to_save": list(head_modules) or None,

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
+from ..ranks import client_ranks
 
 if TYPE_CHECKING:  # imported for type hints only: federation imports methods, not the reverse
     from ..adapters import AdaptedModel
@@ -45,10 +46,16 @@ class Method:
     default_head: ClassVar[str] = "shared"
     server_factors: ClassVar[frozenset[str]] = frozenset()  # adapter factors held by the server, one copy
     pooled: ClassVar[bool] = False  # centralized: one trainer holds every client's training data
+    mixed_ranks: ClassVar[bool] = False  # clients may have different adapter ranks (adapter.client_ranks)
+    full_update: ClassVar[bool] = False  # layers carry W (k×d), a server-held update folded into W0
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.head = cfg.method.head or self.default_head
+        self.ranks = client_ranks(cfg)  # each client's adapter rank
+        if len(set(self.ranks)) > 1 and not self.mixed_ranks:
+            raise ConfigError(f"adapter.client_ranks: method {self.name} cannot take mixed ranks "
+                              f"{sorted(set(self.ranks))}; use hetlora, flexlora, flora or local")
 
     # --- the four answers (adapter factors; the head is added below from `self.head`) ---
     def train_factors(self, t: int) -> set[str]:
@@ -75,6 +82,16 @@ class Method:
 
     def setup(self, sim: Simulation) -> None:
         """Called once before round 1 with the adapted model built (e.g. to initialise factors)."""
+
+    def client_rank(self, server: Server, cid: int) -> int:
+        """The adapter rank client `cid` holds now (its uploads are validated at this rank)."""
+        return self.ranks[cid]
+
+    def download_wire(self, server: Server, cid: int, t: int,
+                      tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """What crosses the network for this download when it differs from the tensors the client ends up
+        with (FLoRA sends stacked factors, the client folds them into W); None: the tensors themselves."""
+        return None
 
     def extra_upload_bytes(self, cid: int, t: int) -> int:
         """Bytes a client sends besides its tensors this round (CE-LoRA: its data descriptor, when first sent)."""

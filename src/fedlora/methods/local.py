@@ -10,6 +10,7 @@ from .base import Method, register
 class LocalOnly(Method):
     name = "local"
     default_head = "personal"
+    mixed_ranks = True  # nothing is aggregated, so each client may have its own rank
 
     def __init__(self, cfg):
         super().__init__(cfg)

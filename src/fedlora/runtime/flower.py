@@ -65,6 +65,7 @@ from safetensors.torch import save_file
 
 from ..config import build_config, dump_config
 from ..federation import ClientState, Download, Upload, apply_download, client_fit
+from ..methods import Method
 from .simulation import METRICS, Simulation, evaluation_row
 
 log = logging.getLogger("fedlora")
@@ -278,7 +279,7 @@ class _ClientCall:
         self.store = ClientStore(root, msg.metadata.run_id, self.cid)
         saved = self.store.load(self.key)
         if saved is None:
-            self.state = self.env.server.initial_client_state(self.env.init_state)
+            self.state = self.env.server.initial_client_state(self.env.init_state, self.cid)
             self.meta, self.last_upload = {"config": self.key, "synced": 0, "round": 0, "stream": None}, None
         else:
             self.state, self.meta, self.last_upload = saved
@@ -403,6 +404,9 @@ class FlowerServer:
         if self.sim.method.pooled:
             raise ValueError(f"method '{self.sim.method.name}' pools every client's data in one trainer: "
                              f"it has no federated form; run it with `fedlora run`")
+        if type(self.sim.method).download_wire is not Method.download_wire:
+            raise ValueError(f"method '{self.sim.method.name}' sends downloads that the client decodes (stacked "
+                             f"factors), which this runtime does not do yet; run it with `fedlora run`")
         self.server, self.run_dir = self.sim.server, self.sim.run_dir
         self.poll = float(rc["poll-interval"])
         self.wire = str(rc["wire"])

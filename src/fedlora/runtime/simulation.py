@@ -107,8 +107,10 @@ class Simulation:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         a = cfg.adapter
-        self.am = inject_adapters(model, a.target_modules or default_targets(model), a.r, a.alpha, a.dropout,
-                                  tri=self.method.tri, head_modules=a.head_modules,
+        # heterogeneous ranks: layers at the largest rank, the scale alpha / adapter.r on every client
+        self.am = inject_adapters(model, a.target_modules or default_targets(model), max(self.method.ranks), a.alpha,
+                                  a.dropout, tri=self.method.tri, head_modules=a.head_modules, scale=a.alpha / a.r,
+                                  full_update=self.method.full_update,
                                   generator=torch_generator("adapter_init", cfg.seed, 1))
         self.method.setup(self)
         self.init_state = self.am.get_state()
@@ -117,7 +119,7 @@ class Simulation:
         self.train_sets: list[Examples] = [concat(self.client_train)] if self.method.pooled else self.client_train
         self.server = Server(self.method, self.init_state, cfg.federation, len(self.train_sets), cfg.seed)
         self.clients: dict[int, ClientState] = {
-            cid: self.server.initial_client_state(self.init_state) for cid in range(len(self.train_sets))}
+            cid: self.server.initial_client_state(self.init_state, cid) for cid in range(len(self.train_sets))}
         self.streams = [BatchStream(len(d), cfg.train.batch_size, cfg.seed, cid)
                         for cid, d in enumerate(self.train_sets)]
         self.dropout_rng = rng("dropout", cfg.seed)
@@ -292,8 +294,9 @@ class Simulation:
                 **totals, **{f"final_down_{k}": v for k, v in final_down.items()}, "wall_s": wall}
 
     def write_adapter_meta(self) -> None:
-        meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.am.r,
-                "alpha": self.am.alpha, "tri": self.am.tri, "model": self.cfg.model.name,
+        meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.cfg.adapter.r,
+                "alpha": self.am.alpha, "scale": self.am.scale, "client_ranks": self.method.ranks,
+                "tri": self.am.tri, "model": self.cfg.model.name,
                 "num_labels": self.task.num_labels, "label_names": self.task.label_names,
                 "num_clients": self.num_clients, "method": self.method.name,
                 "task_type": "CAUSAL_LM" if self.task.causal else "SEQ_CLS"}

@@ -1,0 +1,85 @@
+"""Heterogeneous client ranks: HetLoRA vs FlexLoRA vs FLoRA, and FedIT at the smallest common rank.
+
+MiniLM-L6 on `rt-sentiment`, 20 clients (Dirichlet 0.5 on the label), a quarter of them each at
+rank 2, 4, 8 and 16 (`adapter.client_ranks` tiers, assigned by the seeded generator), LoRA on
+query/value, shared head, 3 seeds. FedIT cannot take mixed ranks, so it runs every client at the
+smallest rank, 2: what a federation without rank heterogeneity would have to do. Every arm has
+the same scale s = alpha / adapter.r (adapter.r = 2), the same data, rounds and local steps.
+
+Reported per method: global accuracy (HetLoRA and FlexLoRA: the mean over a seeded subset of
+clients' own models on the global test set, since each client holds its own rank), personalized
+accuracy, uplink and downlink MB in all, adapter bytes per client per round. FLoRA's downlink is
+the stack of every client's factors (Σ r_i (d + k) per layer per client), which is the price of
+its exact aggregation.
+
+    .venv/bin/python benchmarks/heterogeneous_ranks.py            # full size: ~2.5-3 h on 2 cores (estimate, not run)
+    .venv/bin/python benchmarks/heterogeneous_ranks.py --quick    # tiny random BERT, seconds (test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from sweep import markdown, run_arms, write_json
+
+METHODS = ["hetlora", "flexlora", "flora", "fedit"]
+TIERS = {2: 0.25, 4: 0.25, 8: 0.25, 16: 0.25}
+
+
+def config(quick: bool, method: str, seed: int, clients: int, rounds: int) -> dict:
+    model = {"name": "tiny-bert", "max_length": 16} if quick else {"name": "minilm", "max_length": 64}
+    task = {"name": "synthetic"} if quick else {"name": "rt-sentiment"}
+    adapter = {"r": 2, "alpha": 16, "target_modules": ["query", "value"]}
+    if method != "fedit":  # FedIT: everyone at the smallest rank
+        adapter["client_ranks"] = TIERS
+    return {"seed": seed, "model": model, "task": task,
+            "partition": {"num_clients": clients, "scheme": "dirichlet", "alpha": 0.5,
+                          "min_partition_size": 10 if quick else 20},
+            "adapter": adapter, "method": {"name": method, "head": "shared"}, "federation": {"rounds": rounds},
+            "train": {"local_steps": 2 if quick else 10, "batch_size": 16, "lr": 1e-3},
+            "eval": {"every": 1 if quick else 5, "max_global_examples": 64 if quick else 1000,
+                     "max_client_examples": 8 if quick else None, "global_clients": 2 if quick else 5}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
+    ap.add_argument("--clients", type=int, default=None, help="default 20 (quick: 4)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 10 (quick: 2)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+    seeds = args.seeds or (1 if args.quick else 3)
+    clients, rounds = args.clients or (4 if args.quick else 20), args.rounds or (2 if args.quick else 10)
+    name = "heterogeneous_ranks" + ("_quick" if args.quick else "")
+    methods = args.methods.split(",")
+    arms = [(f"{m}-s{s}", config(args.quick, m, s, clients, rounds)) for m in methods for s in range(seeds)]
+    results = run_arms(arms, Path(args.out) / name, jobs=1 if args.quick else args.jobs)
+    rows = []
+    for m in methods:
+        runs = [results[f"{m}-s{s}"][0] for s in range(seeds)]
+        row = {"method": m, "ranks": "2 (all)" if m == "fedit" else "2/4/8/16", "seeds": seeds}
+        for k in ("global_accuracy", "personal_accuracy"):
+            vals = np.array([r[k] for r in runs], dtype=float)
+            row[k], row[f"{k}_std"] = float(vals.mean()), float(vals.std())
+        row["up_mb"] = float(np.mean([r["up_raw"] for r in runs])) / 1e6
+        row["down_mb"] = float(np.mean([r["down_raw"] for r in runs])) / 1e6
+        row["up_b_client_round"] = float(np.mean([r["up_raw_adapter_per_client_round"] for r in runs]))
+        row["wall_s"] = float(np.mean([r["wall_s"] for r in runs]))
+        rows.append(row)
+    write_json(Path(args.out) / f"{name}.json", {"clients": clients, "rounds": rounds, "seeds": seeds,
+                                                  "tiers": {str(k): v for k, v in TIERS.items()}, "rows": rows})
+    print(f"{clients} clients, ranks {'/'.join(map(str, TIERS))} (a quarter each), {rounds} rounds, {seeds} seeds")
+    print(markdown(rows, [("method", "method", "s"), ("ranks", "ranks", "s"),
+                          ("global_accuracy", "global acc", ".3f"), ("global_accuracy_std", "±", ".3f"),
+                          ("personal_accuracy", "pers. acc", ".3f"), ("personal_accuracy_std", "±", ".3f"),
+                          ("up_mb", "uplink MB", ".2f"), ("down_mb", "downlink MB", ".2f"),
+                          ("up_b_client_round", "adapter up B/client/round", ",.0f"), ("wall_s", "wall s", ".0f")]))
+
+
+if __name__ == "__main__":
+    main()
