@@ -2,6 +2,8 @@
 
 LoRA keeps A (r×d, down) and B (k×r, up); the tri-matrix form adds a dense core C (r×r) between
 them (CE-LoRA). W0 stays frozen; which of A, B, C train is set per round by the method.
+`dual` adds a second, local pair (FedDPA): y = W0 x + s · B A x + s · w · LB LA x, where the local
+weight w is 1 while training and `local_weight` in eval mode (the mixing at inference).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from torch import nn
 
 
 class LowRankLinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, tri: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, tri: bool = False,
+                 dual: bool = False):
         super().__init__()
         k, d = base.weight.shape  # (out, in)
         if r > min(k, d):
@@ -29,6 +32,12 @@ class LowRankLinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(k, r, device=dev, dtype=dt))  # (out, r)
         self.C = nn.Parameter(torch.zeros(r, r, device=dev, dtype=dt)) if tri else None  # (r, r)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0 -> ΔW = 0
+        self.LA = self.LB = None
+        self.local_weight = 1.0
+        if dual:  # the local pair, initialized like the global one (LB = 0: no change at the start)
+            self.LA = nn.Parameter(torch.empty(r, d, device=dev, dtype=dt))  # (r, in)
+            self.LB = nn.Parameter(torch.zeros(k, r, device=dev, dtype=dt))  # (out, r)
+            nn.init.kaiming_uniform_(self.LA, a=math.sqrt(5))
         self.merged = False
 
     @property
@@ -42,7 +51,13 @@ class LowRankLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · B C A (or s · B A), shape (out, in)."""
         up = self.B @ self.C if self.C is not None else self.B
-        return self.scale * (up @ self.A)
+        dw = self.scale * (up @ self.A)
+        if self.LA is not None:
+            dw = dw + self.scale * self._local_w() * (self.LB @ self.LA)
+        return dw
+
+    def _local_w(self) -> float:
+        return 1.0 if self.training else self.local_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -51,7 +66,10 @@ class LowRankLinear(nn.Module):
         h = self.dropout(x) @ self.A.t()  # (..., r)
         if self.C is not None:
             h = h @ self.C.t()  # (..., r)
-        return y + self.scale * (h @ self.B.t())
+        y = y + self.scale * (h @ self.B.t())
+        if self.LA is not None:
+            y = y + self.scale * self._local_w() * ((self.dropout(x) @ self.LA.t()) @ self.LB.t())
+        return y
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -67,4 +85,4 @@ class LowRankLinear(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scale={self.scale:g}, tri={self.C is not None}"
+        return f"r={self.r}, scale={self.scale:g}, tri={self.C is not None}, dual={self.LA is not None}"

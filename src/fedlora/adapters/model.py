@@ -14,13 +14,13 @@ from torch import nn
 
 from .layer import LowRankLinear
 
-FACTORS = ("A", "B", "C", "head")
+FACTORS = ("A", "B", "C", "LA", "LB", "head")  # LA, LB: a dual adapter's local pair (FedDPA)
 _HEAD_CANDIDATES = ("classifier", "score")
 
 
 def factor_of(key: str) -> str:
     last = key.rsplit(".", 1)[-1]
-    return last if last in ("A", "B", "C") else "head"
+    return last if last in ("A", "B", "C", "LA", "LB") else "head"
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -46,6 +46,7 @@ def inject_adapters(
     dropout: float = 0.0,
     tri: bool = False,
     head_modules: list[str] | None = None,
+    dual: bool = False,
 ) -> AdaptedModel:
     """Replace every matching nn.Linear by a LowRankLinear; freeze everything but adapters and head."""
     for p in model.parameters():
@@ -60,7 +61,7 @@ def inject_adapters(
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LowRankLinear(getattr(parent, child), r, alpha, dropout, tri))
+        setattr(parent, child, LowRankLinear(getattr(parent, child), r, alpha, dropout, tri, dual=dual))
     names = dict(model.named_modules())
     for h in head_modules:
         if h not in names:
@@ -78,7 +79,7 @@ class AdaptedModel:
         self.layers: dict[str, LowRankLinear] = {t: model.get_submodule(t) for t in targets}
         self._params: dict[str, nn.Parameter] = {}
         for t, layer in self.layers.items():
-            for f in ("A", "B", "C"):
+            for f in ("A", "B", "C", "LA", "LB"):
                 p = getattr(layer, f)
                 if p is not None:
                     self._params[f"{t}.{f}"] = p

@@ -94,7 +94,7 @@ class Simulation:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         a = cfg.adapter
         self.am = inject_adapters(model, a.target_modules or default_targets(model), a.r, a.alpha, a.dropout,
-                                  tri=self.method.tri, head_modules=a.head_modules)
+                                  tri=self.method.tri, head_modules=a.head_modules, dual=self.method.dual)
         self.method.setup(self)
         self.init_state = self.am.get_state()
 
