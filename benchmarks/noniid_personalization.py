@@ -37,9 +37,12 @@ from fedlora.report import head_bytes_per_upload
 # learning rates per method: A/B factors, the core C, the head (set from --stage tune; see benchmarks/README.md)
 # winners of --stage tune (2026-11-28): FedIT and FFA-LoRA 3e-3 over 1e-3; RoLoRA, FedSA, local-only and
 # centralized take FedIT's; CE-LoRA's C 0.1 over 3e-2 (its A/B keep 1e-3, not tuned)
-LR = {"fedit": 3e-3, "ffa": 3e-3, "rolora": 3e-3, "fedsa": 3e-3, "celora": 1e-3, "local": 3e-3, "centralized": 3e-3}
+LR = {"fedit": 3e-3, "ffa": 3e-3, "rolora": 3e-3, "fedsa": 3e-3, "celora": 1e-3, "local": 3e-3, "centralized": 3e-3,
+      # the FL-optimizer and personalization baselines take FedIT's lr (not tuned)
+      "fedprox": 3e-3, "scaffold": 3e-3, "pfedgraph": 3e-3, "feddpa": 3e-3}
 LR_C = 1e-1
-METHODS = ["fedit", "ffa", "rolora", "fedsa", "celora", "local", "centralized"]
+METHODS = ["fedit", "ffa", "rolora", "fedsa", "celora", "fedprox", "scaffold", "pfedgraph", "feddpa", "local",
+           "centralized"]
 
 
 def base_config(quick: bool, alpha: float, rounds: int, steps: int, stage: str) -> dict:

@@ -91,6 +91,16 @@ class HetLoRAConfig(_Section):
     aggregation: Literal["zero_pad", "sparsity"] = "zero_pad"  # sparsity: weights ∝ ||B_i A_i||_F per layer
     prune_gamma: float = Field(1.0, gt=0, le=1)  # self-pruning: r_i <- floor(gamma r_i) when the tail shrinks; 1: off
     min_rank: int = Field(1, gt=0)  # self-pruning never goes below this rank
+class FedProxConfig(_Section):
+    mu: float = Field(0.01, ge=0)  # weight of the proximal term μ/2 ‖θ − θ_global‖²
+
+
+class PFedGraphConfig(_Section):
+    alpha: float = Field(0.8, gt=0)  # weight of ‖w_i − p‖² against the similarity term (the paper's α)
+
+
+class FedDPAConfig(_Section):
+    local_weight: float = Field(1.0, ge=0)  # the local adapter's weight in the mixed model at inference
 
 
 class MethodConfig(_Section):
@@ -98,6 +108,9 @@ class MethodConfig(_Section):
     head: Literal["shared", "personal"] | None = None  # None: the method's default
     celora: CELoRAConfig = Field(default_factory=CELoRAConfig)
     hetlora: HetLoRAConfig = Field(default_factory=HetLoRAConfig)
+    fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
+    pfedgraph: PFedGraphConfig = Field(default_factory=PFedGraphConfig)
+    feddpa: FedDPAConfig = Field(default_factory=FedDPAConfig)
 
 
 class FederationConfig(_Section):
@@ -107,10 +120,18 @@ class FederationConfig(_Section):
     dropout_rate: float = Field(0.0, ge=0, lt=1)  # a sampled client fails to return with this probability
     # reject an upload whose update (upload − what the client started the round with, L2 over all tensors) is larger
     max_update_norm: float | None = Field(None, gt=0)
+    # the server's optimizer on the pseudo-gradient Δ = aggregate − current (server_opt.py); sgd at lr 1 is FedAvg
+    server_optimizer: Literal["sgd", "avgm", "adam", "yogi", "adagrad"] = "sgd"
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.9, ge=0, lt=1)  # avgm
+    server_beta1: float = Field(0.9, ge=0, lt=1)  # adam, yogi (adagrad: momentum on Δ as in Reddi et al.)
+    server_beta2: float = Field(0.99, ge=0, lt=1)  # adam, yogi
+    server_eps: float = Field(1e-3, gt=0)  # τ, the degree of adaptivity (Reddi et al.'s default 1e-3)
 
 
 class TrainConfig(_Section):
     local_steps: int = Field(10, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: the local solver FedProx's and SCAFFOLD's analyses assume
     batch_size: int = Field(16, gt=0)
     lr: float = Field(1e-3, gt=0)  # A and B
     lr_c: float = Field(1e-1, gt=0)  # the tri-matrix core C: needs a much higher lr than LoRA (0.1 won on validation)

@@ -22,9 +22,10 @@ from .accounting import payload_bytes
 from .adapters import AdaptedModel, factor_of
 from .config import FederationConfig, TrainConfig
 from .data import BatchStream, Examples
-from .methods import Method
+from .methods import Method, is_adapter_key
 from .ranks import rank_shape, truncate
 from .seeding import rng, torch_seed
+from .server_opt import server_step
 from .train import local_train
 
 log = logging.getLogger("fedlora")
@@ -51,13 +52,15 @@ class Upload:
 @dataclass
 class ClientState:
     """What a client keeps between rounds: its copy of the server-held keys (as last downloaded,
-    never its own trained values) and its personal keys (as last trained or downloaded)."""
+    never its own trained values) and its personal keys (as last trained or downloaded). Keys with a
+    '/' are a method's own client state (SCAFFOLD's control variates): kept and checkpointed with the
+    personal keys, never loaded into the model."""
 
     shared: dict[str, torch.Tensor]
     personal: dict[str, torch.Tensor]
 
     def full(self) -> dict[str, torch.Tensor]:
-        return {**self.shared, **self.personal}
+        return {k: v for k, v in {**self.shared, **self.personal}.items() if is_adapter_key(k)}
 
 
 class Server:
@@ -74,6 +77,9 @@ class Server:
         self.spec = {k: (tuple(v.shape), v.dtype) for k, v in init_state.items()}  # for validation
         self.init_state = init_state  # every client's seeded start; the reference for keys the server never sent
         self.extra: dict = {}  # method-specific server state
+        if (fed.server_optimizer != "sgd" or fed.server_lr != 1.0) and not self.global_state:
+            raise ValueError(f"federation.server_optimizer: method '{method.name}' holds no factor on the server "
+                             f"(with head {method.head}); a server optimizer needs one")
 
     def initial_client_state(self, init_state: dict[str, torch.Tensor], cid: int | None = None) -> ClientState:
         # the seeded initial adapter, identical on every client; shared keys reference the server's.
@@ -97,8 +103,7 @@ class Server:
         return dl
 
     def expected_keys(self, t: int) -> set[str]:
-        up = self.method.uploaded(t)
-        return {k for k in self.spec if factor_of(k) in up}
+        return set(self.method.upload_spec(t, self.spec))
 
     def validate(self, up: Upload, t: int) -> str | None:
         """The reason an upload must not be averaged in, or None if it is acceptable."""
@@ -114,8 +119,9 @@ class Server:
         sq = 0.0
         start = {**self.init_state, **self.global_state, **self.method.upload_reference(self, up.client)}
         rank = self.method.client_rank(self, up.client)  # each client's uploads are checked at its own rank
+        spec = self.method.upload_spec(t, self.spec)
         for k, v in up.tensors.items():
-            shape, dtype = self.spec[k]
+            shape, dtype = spec[k]
             shape = rank_shape(k, shape, rank)
             if tuple(v.shape) != shape:
                 return f"{k}: shape {tuple(v.shape)} != {shape}"
@@ -123,8 +129,10 @@ class Server:
                 return f"{k}: dtype {v.dtype} != {dtype}"
             if not torch.isfinite(v).all():
                 return f"{k}: contains NaN or Inf"
-            ref = start[k] if tuple(start[k].shape) == shape else truncate({k: start[k]}, rank)[k]
-            sq += float((v.double() - ref.double()).pow(2).sum())
+            ref = start.get(k)  # None: a key only this method sends (e.g. a control variate): its raw norm
+            if ref is not None and tuple(ref.shape) != shape:
+                ref = truncate({k: ref}, rank)[k]
+            sq += float((v.double() - (0 if ref is None else ref.double())).pow(2).sum())
         if self.fed.max_update_norm is not None and math.sqrt(sq) > self.fed.max_update_norm:
             return f"update norm ‖upload − round start‖ = {math.sqrt(sq):.4g} > max_update_norm " \
                    f"{self.fed.max_update_norm}"
@@ -132,6 +140,7 @@ class Server:
 
     def aggregate(self, t: int, uploads: list[Upload]) -> None:
         if uploads and uploads[0].tensors:
+            before = {k: v.clone() for k, v in self.global_state.items()}
             self.method.aggregate(self, t, uploads)
             pr = self.method.cfg.privacy  # central DP: noise on the aggregated server-held keys
             if pr.dp == "central" and pr.noise_multiplier > 0:
@@ -142,6 +151,7 @@ class Server:
                                       self.method.cfg.seed, t)
                 for k in keys:
                     self.global_state[k] = self.global_state[k] + noise[k]
+            server_step(self, before, t)  # after the DP noise: the server optimizer is post-processing
         self.last_round = t
 
     def finish_round(self, t: int, downloads: dict[int, Download], uploads: dict[int, Upload | None]) -> dict:
@@ -227,7 +237,8 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
     # whatever ran before in this process: the same result in process or on a Flower SuperNode
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed("train_noise", method.cfg.seed, dl.client, t))
-        stats = local_train(am, data, stream, method.trainable(t), train, method.local_steps())
+        stats = local_train(am, data, stream, method.trainable(t), train, method.local_steps(),
+                            hook=method.local_hook(state, t))
     trained = am.get_state()
     uploaded = method.uploaded(t)
     tensors = {k: v for k, v in trained.items() if factor_of(k) in uploaded}
@@ -236,6 +247,8 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
 
         start = state.full()
         tensors = privatize_upload(tensors, start, method.cfg.privacy, method.cfg.seed, dl.client, t)
-    upload = Upload(dl.client, t, tensors, n_examples=len(data), metrics=stats)
-    new_state = ClientState(state.shared, {k: trained[k] for k in state.personal})
+    sent, kept = method.after_local(state, trained, t, stats)  # a method's own tensors (SCAFFOLD's Δc_i, c_i)
+    upload = Upload(dl.client, t, {**tensors, **sent}, n_examples=len(data), metrics=stats)
+    personal = {k: (trained[k] if is_adapter_key(k) else v) for k, v in state.personal.items()}
+    new_state = ClientState(state.shared, {**personal, **kept})
     return upload, new_state

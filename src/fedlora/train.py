@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import AdaptedModel
+from .adapters import AdaptedModel, factor_of
 from .config import TrainConfig
 from .data import BatchStream, Examples
 
@@ -13,26 +13,50 @@ def _lr(factor: str, cfg: TrainConfig) -> float:
     return {"C": cfg.lr_c, "head": cfg.lr_head}.get(factor, cfg.lr)
 
 
+class LocalHook:
+    """A method's addition to local training (FedProx's proximal term, SCAFFOLD's drift correction).
+
+    `params` maps each trainable adapter key to its parameter, `lrs` each key to its learning rate.
+    `loss`: a term added to the task loss (its gradient goes through the optimizer with the task's);
+    `after_step`: a change applied to the parameters after every optimizer step (under no_grad).
+    """
+
+    def loss(self, params: dict[str, torch.nn.Parameter]) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, params: dict[str, torch.nn.Parameter], lrs: dict[str, float]) -> None:
+        pass
+
+
 def local_train(am: AdaptedModel, data: Examples, stream: BatchStream, factors: set[str], cfg: TrainConfig,
-                steps: int) -> dict[str, float]:
-    """`steps` AdamW steps on the given factors (a fresh optimizer each round, as in FedAvg)."""
+                steps: int, hook: LocalHook | None = None) -> dict[str, float]:
+    """`steps` optimizer steps (AdamW or SGD) on the given factors (a fresh optimizer each round, as in FedAvg)."""
     am.set_trainable(factors)
     groups = [{"params": ps, "lr": _lr(f, cfg)} for f in sorted(factors) if (ps := am.parameters({f}))]
     if not groups:
         return {"train_loss": float("nan"), "steps": 0}
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    named = dict(zip(am.keys(factors), am.parameters(factors), strict=True))
+    lrs = {k: _lr(factor_of(k), cfg) for k in named}
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     am.model.train()
     total = 0.0
     for _ in range(steps):
         batch = data.batch(stream.next_rows())
         loss = am.model(**batch).loss
-        loss.backward()
+        extra = hook.loss(named) if hook is not None else None
+        (loss if extra is None else loss + extra).backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        total += loss.item()
+        if hook is not None:
+            with torch.no_grad():
+                hook.after_step(named, lrs)
+        total += loss.item()  # the task loss alone, comparable across methods
     am.model.eval()
     am.set_trainable(())
     return {"train_loss": total / steps, "steps": steps}

@@ -19,13 +19,13 @@ from torch import nn
 
 from .layer import LowRankLinear
 
-FACTORS = ("A", "B", "C", "W", "head")
+FACTORS = ("A", "B", "C", "W", "LA", "LB", "head")  # LA, LB: a dual adapter's local pair (FedDPA)
 _HEAD_CANDIDATES = ("classifier", "score")
 
 
 def factor_of(key: str) -> str:
     last = key.rsplit(".", 1)[-1]
-    return last if last in ("A", "B", "C", "W") else "head"
+    return last if last in ("A", "B", "C", "W", "LA", "LB") else "head"
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -53,6 +53,7 @@ def inject_adapters(
     head_modules: list[str] | None = None,
     scale: float | None = None,
     full_update: bool = False,
+    dual: bool = False,
     generator: torch.Generator | None = None,
 ) -> AdaptedModel:
     """Replace every matching nn.Linear by a LowRankLinear; freeze everything but adapters and head.
@@ -71,7 +72,7 @@ def inject_adapters(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LowRankLinear(getattr(parent, child), r, alpha, dropout, tri, scale, full_update,
-                                             generator))
+                                             dual, generator))
     names = dict(model.named_modules())
     for h in head_modules:
         if h not in names:
@@ -93,7 +94,7 @@ class AdaptedModel:
         self.layers: dict[str, LowRankLinear] = {t: model.get_submodule(t) for t in targets}
         self._params: dict[str, nn.Parameter] = {}
         for t, layer in self.layers.items():
-            for f in ("A", "B", "C", "W"):
+            for f in ("A", "B", "C", "W", "LA", "LB"):
                 p = getattr(layer, f)
                 if p is not None:
                     self._params[f"{t}.{f}"] = p

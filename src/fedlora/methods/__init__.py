@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-from .base import METHODS, Method, register, weighted_mean
+from .base import METHODS, Method, is_adapter_key, register, weighted_mean
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "base":
@@ -16,4 +16,4 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "get_method", "register", "weighted_mean"]
+__all__ = ["METHODS", "Method", "get_method", "is_adapter_key", "register", "weighted_mean"]

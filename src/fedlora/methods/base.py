@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..adapters import factor_of
 from ..config import ConfigError, RunConfig
 from ..ranks import client_ranks
 
 if TYPE_CHECKING:  # imported for type hints only: federation imports methods, not the reverse
     from ..adapters import AdaptedModel
     from ..data import Examples
-    from ..federation import Server, Upload
+    from ..federation import ClientState, Server, Upload
     from ..runtime.simulation import Simulation
+    from ..train import LocalHook
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -29,6 +31,11 @@ METHODS: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = cls
     return cls
+
+
+def is_adapter_key(key: str) -> bool:
+    """Adapter keys are module paths; a method's own tensors are named '<method>/<what>/<adapter key>'."""
+    return "/" not in key
 
 
 def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -43,6 +50,7 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
 class Method:
     name: ClassVar[str] = ""
     tri: ClassVar[bool] = False  # the adapter has the core C (B C A)
+    dual: ClassVar[bool] = False  # the adapter has a second, local pair LB LA (FedDPA)
     default_head: ClassVar[str] = "shared"
     server_factors: ClassVar[frozenset[str]] = frozenset()  # adapter factors held by the server, one copy
     pooled: ClassVar[bool] = False  # centralized: one trainer holds every client's training data
@@ -119,6 +127,20 @@ class Method:
         (the update it is checked against is upload − start). Default: none; the server's own tensors and the
         seeded initial state cover every other key."""
         return {}
+    def local_hook(self, state: ClientState, t: int) -> LocalHook | None:
+        """An addition to client-side local training (a loss term, a per-step correction); None: plain."""
+        return None
+
+    def after_local(self, state: ClientState, trained: dict[str, torch.Tensor], t: int,
+                    stats: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """On the client after training: (tensors sent besides the uploaded factors, client state to keep),
+        both keyed '<method>/...' (SCAFFOLD: Δc_i sent, c_i kept). Sent tensors are counted like any upload."""
+        return {}, {}
+
+    def upload_spec(self, t: int, spec: dict[str, tuple]) -> dict[str, tuple]:
+        """{key: (shape, dtype)} of every tensor a valid upload in round t holds (`spec`: the adapter's)."""
+        up = self.uploaded(t)
+        return {k: s for k, s in spec.items() if factor_of(k) in up}
 
     def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:
         """What client `cid` receives at the start of round t. Must not change any state.

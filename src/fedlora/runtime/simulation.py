@@ -110,7 +110,7 @@ class Simulation:
         # heterogeneous ranks: layers at the largest rank, the scale alpha / adapter.r on every client
         self.am = inject_adapters(model, a.target_modules or default_targets(model), max(self.method.ranks), a.alpha,
                                   a.dropout, tri=self.method.tri, head_modules=a.head_modules, scale=a.alpha / a.r,
-                                  full_update=self.method.full_update,
+                                  full_update=self.method.full_update, dual=self.method.dual,
                                   generator=torch_generator("adapter_init", cfg.seed, 1))
         self.method.setup(self)
         self.init_state = self.am.get_state()
