@@ -21,10 +21,12 @@ from safetensors.torch import save_file
 from ..adapters import inject_adapters
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, dump_config
-from ..data import BatchStream, Examples, concat, load_task, split_task, tokenize, tokenize_causal
+from ..data import BatchStream, Examples, Split, Task, concat, split_task, task_from_config, tokenize, tokenize_causal
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
 from ..methods import get_method
+from ..metrics import resolve_metrics
 from ..models import default_targets, load_causal_lm, load_classifier, load_tokenizer
+from ..trackers import Trackers, heatmap
 from ..train import evaluate, evaluate_lm, generate_answers, score_generations
 
 log = logging.getLogger("fedlora")
@@ -33,13 +35,13 @@ log = logging.getLogger("fedlora")
 METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "rouge_l", "exact_match")
 
 
-def evaluation_row(g: dict, per_client: list[dict]) -> dict:
+def evaluation_row(g: dict, per_client: list[dict], metrics: tuple[str, ...] = METRICS) -> dict:
     """The evaluation columns of a metrics row: global-test metrics `g`, per-client metrics on their own test.
 
     Classification has accuracy / macro-F1 / loss; a causal LM loss / perplexity and, when answers were
     generated, ROUGE-L / exact match. Personal metrics are unweighted means over clients."""
-    row = {f"global_{k}": float(g[k]) for k in METRICS if k in g}
-    for k in METRICS:
+    row = {f"global_{k}": float(g[k]) for k in metrics if k in g}
+    for k in metrics:
         if k in per_client[0]:
             row[f"personal_{k}"] = float(np.mean([m[k] for m in per_client]))
     if "accuracy" in per_client[0]:
@@ -53,7 +55,9 @@ def evaluation_row(g: dict, per_client: list[dict]) -> dict:
 
 
 class Simulation:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, *, task: Task | None = None,
+                 split: Split | None = None, model: torch.nn.Module | None = None, tokenizer=None):
+        """`task`, `split`, `model` and `tokenizer` replace what `cfg` names (the Python API passes objects)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.output.dir) / cfg.name
         if cfg.threads:
@@ -63,12 +67,9 @@ class Simulation:
         self.method = get_method(cfg.method.name)(cfg)
 
         # data: tokenized once; clients hold index subsets
-        t = cfg.task
-        self.task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
-                              max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed,
-                              keep_labels=t.keep_labels)
-        self.split = split_task(self.task, cfg.partition, cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.task = task if task is not None else task_from_config(cfg.task, cfg.seed)
+        self.split = split if split is not None else split_task(self.task, cfg.partition, cfg.seed)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name)
         if self.task.causal:
             everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
         else:
@@ -83,12 +84,17 @@ class Simulation:
             held = [te for _, te in self.split.clients]
             self.global_test = everything.subset(self.split.global_test).head(cfg.eval.max_global_examples)
         self.client_test = [everything.subset(te).head(cfg.eval.max_client_examples) for te in held]
+        # validation sets scored beside test, so that the summary's best round is chosen on them, never on test
+        self.client_val = [everything.subset(v).head(cfg.eval.max_client_examples) for v in self.split.validation] \
+            if cfg.eval.split == "test" and self.split.validation else None
+        self.metric_fns = resolve_metrics(cfg.eval.metrics)
+        self.metric_names = METRICS + tuple(n for n, _ in self.metric_fns)
         self.num_clients = cfg.partition.num_clients
 
         # one base model, adapters injected once
-        if self.task.causal:
+        if model is None and self.task.causal:
             model = load_causal_lm(cfg.model.name, cfg.seed)
-        else:
+        elif model is None:
             model = load_classifier(cfg.model.name, self.task.num_labels, cfg.seed)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -154,12 +160,14 @@ class Simulation:
         """The task's metrics of the model as it is now on `data` (and generated answers, for a causal LM)."""
         bs = self.cfg.eval.batch_size
         if not self.task.causal:
-            return evaluate(self.am, data, bs)
+            return evaluate(self.am, data, bs, self.metric_fns)
         m = evaluate_lm(self.am, data, bs)
         if generate:
             gen = generate_answers(self.am, self.tokenizer, data.head(self.cfg.eval.generate_examples),
                                    self.cfg.eval.max_new_tokens)
             m |= score_generations(gen)
+            refs, answers = [s["reference"] for s in gen], [s["answer"] for s in gen]
+            m |= {name: float(fn(refs, answers)) for name, fn in self.metric_fns}
             if samples is not None:
                 samples.extend(gen)
         return m
@@ -173,11 +181,13 @@ class Simulation:
         """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
         generate = generate and self.task.causal and self.cfg.eval.generate_examples > 0
         samples: dict[str, list] = {}
+        val: list[dict] = []
         if self.single_model():
             self.am.set_state(self.eval_state(0))
             g = self.measure(self.global_test, generate, samples.setdefault("global", []))
             per_client = [self.measure(d, generate, samples.setdefault(f"client_{c}", []))
                           for c, d in enumerate(self.client_test)]
+            val = [self.measure(d, False) for d in self.client_val or []]
         else:
             per_client, gs = [], []
             global_cids = self.global_eval_clients()
@@ -185,16 +195,21 @@ class Simulation:
                 self.am.set_state(self.eval_state(cid))
                 own = samples.setdefault(f"client_{cid}", [])
                 per_client.append(self.measure(self.client_test[cid], generate, own))
+                if self.client_val:
+                    val.append(self.measure(self.client_val[cid], False))
                 if cid in global_cids:
                     gs.append(self.measure(self.global_test, generate, samples.setdefault(f"global_by_{cid}", [])))
-            g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in METRICS}
+            g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in self.metric_names}
         if generate:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / f"samples_round_{self.server.last_round}.jsonl", "w") as f:
                 for who, rows in samples.items():
                     for r in rows[:3]:  # a few per model is enough to read
                         f.write(json.dumps({"model": who, **r}) + "\n")
-        return evaluation_row(g, per_client)
+        row = evaluation_row(g, per_client, self.metric_names)
+        if val:
+            row |= {f"val_personal_{k}": float(np.mean([m[k] for m in val])) for k in self.metric_names if k in val[0]}
+        return row
 
     # ---- checkpoints: everything a bit-identical resume needs ----
     def snapshot(self) -> dict:
@@ -230,6 +245,8 @@ class Simulation:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         self.write_adapter_meta()
+        trackers = Trackers(self.cfg.output.loggers, self.run_dir, self.cfg.name, self.cfg.model_dump(mode="json")) \
+            if self.cfg.output.loggers else None
         ck = load_checkpoint(self.run_dir) if resume else None
         if ck is not None:
             self.restore(ck)
@@ -246,8 +263,12 @@ class Simulation:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 save_checkpoint(self.run_dir, self.snapshot())
+                if trackers:
+                    trackers.log_round(t, row, self.weights_image(t))
                 if on_round:
                     on_round(row)
+        if trackers:
+            trackers.close()
         summary = self.summary(sum(r["wall_s"] for r in self.history))
         if baseline_path.is_file():
             summary["baseline"] = json.loads(baseline_path.read_text())
@@ -263,12 +284,43 @@ class Simulation:
         final = {f"{w}_{k}": last.get(f"{w}_{k}") for w in ("global", "personal") for k in METRICS
                  if f"{w}_{k}" in last}
         final |= {k: last[k] for k in ("client_accuracy", "client_perplexity") if k in last}
+        final |= {k: last[k] for k in last if k.startswith(("global_", "personal_")) and k not in final
+                  and isinstance(last[k], float)}  # the user's metrics (eval.metrics)
         return {"name": self.cfg.name, "method": self.method.name, "head": self.method.head,
                 "task": self.task.name, "num_clients": self.num_clients, "rounds": rounds,
                 "global_accuracy": None, "personal_accuracy": None,  # None for a causal LM; set below otherwise
                 **final, "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
                 "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
-                **self.server.cumulative, "wall_s": wall}
+                **self.server.cumulative, "wall_s": wall, "final_round": last.get("round"), **self.best_round()}
+
+    def best_round(self) -> dict:
+        """The round that scored best on VALIDATION data (eval.best_metric), with that round's metrics; a run
+        without a validation split has none (the best round is never chosen on test)."""
+        key = self.cfg.eval.best_metric or ("personal_loss" if self.task.causal else "personal_accuracy")
+        if self.cfg.eval.split == "validation":
+            col = key  # every evaluation column is a validation metric
+        elif self.client_val is not None and key.startswith("personal_"):
+            col = f"val_{key}"
+        else:
+            why = "no validation split (partition.client_val_fraction is 0)" if self.client_val is None else \
+                f"eval.best_metric '{key}' has no validation column (validation is per client: personal_*)"
+            return {"best_round": None, "best_selected_on": f"none: {why}; never chosen on test"}
+        rows = [r for r in self.history if col in r]
+        if not rows:
+            raise ValueError(f"eval.best_metric: no evaluated round has column '{col}'")
+        lower = "loss" in key or "perplexity" in key
+        best = (min if lower else max)(rows, key=lambda r: r[col])
+        cols = {k: best[k] for k in best if k.startswith(("global_", "personal_", "val_"))
+                and isinstance(best[k], float)}
+        return {"best_round": best["round"], "best_selected_on": f"validation {key} ({'min' if lower else 'max'})",
+                "best": cols}
+
+    def weights_image(self, t: int):
+        """CE-LoRA's round-t mixing weights as a heatmap image (None for other methods)."""
+        lw = getattr(self.method, "last_weights", None)
+        if not lw or lw.get("round") != t:
+            return None
+        return heatmap(np.asarray(lw["weights"]), list(lw["clients"]), f"CE-LoRA weights, round {t}")
 
     def write_adapter_meta(self) -> None:
         meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.am.r,
