@@ -31,7 +31,7 @@ HUB_HINT = ("download it where there is network (`datasets.load_dataset('{}').sa
 
 def read_jsonl(path: Path) -> pd.DataFrame:
     """One JSON object per line; an error names the file's real line number (blank lines count)."""
-    rows = []
+    rows, lines = [], []
     for i, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -42,7 +42,10 @@ def read_jsonl(path: Path) -> pd.DataFrame:
         if not isinstance(row, dict):
             raise ValueError(f"task.path: {path} line {i} is not a JSON object")
         rows.append(row)
-    return pd.DataFrame(rows)
+        lines.append(i)
+    df = pd.DataFrame(rows)
+    df.attrs["lines"] = lines  # each row's line in the file, for errors
+    return df
 
 
 def _text(path: Path) -> str:
@@ -192,12 +195,14 @@ def load_task_source(source: Any, *, split: str | None = None, kind: Kind = "aut
         _column(df, output_column, "task.output_column", where)
         missing = df[instruction_column].isna() | df[output_column].isna()
         if missing.any():
-            raise ValueError(f"task.path: {where} row {int(missing.values.argmax()) + 1} has no "
-                             f"'{instruction_column}' or '{output_column}'")
+            i = int(missing.values.argmax())
+            at = f"line {df.attrs['lines'][i]}" if "lines" in df.attrs else f"row {i + 1}"
+            raise ValueError(f"task.path: {where} {at} needs '{instruction_column}' and '{output_column}'")
         inputs = df[input_column] if input_column in df.columns else pd.Series([""] * len(df))
         prompts = [str(q) + (f"\n\n{x}" if isinstance(x, str) and x.strip() else "")
                    for q, x in zip(df[instruction_column], inputs, strict=True)]
-        cats = ([str(c) for c in _label_values(df[category_column], features, category_column)]
+        cats = ([("all" if pd.isna(c) else str(c)) for c in _label_values(df[category_column], features,
+                                                                             category_column)]
                 if category_column in df.columns else ["all"] * len(df))
         extra = {c: df[c].astype(str).tolist() for c in df.columns
                  if c not in (instruction_column, input_column, output_column, category_column)}
