@@ -64,11 +64,11 @@ def test_data_errors_are_one_line_exit_2(tmp_path):
     garbage = tmp_path / "garbage.csv"
     garbage.write_bytes(b"\x00\xff\xfe binary \x00\x00 \n\x89PNG")
     tiny_csv = tmp_path / "tiny.csv"
-    tiny_csv.write_text("text,label\nriver lake,a\nmoney bank,b\nsong drum,a\n")
+    tiny_csv.write_text("text,label\nriver lake,a\nmoney bank,b\nsong drum,a\nbank tax,b\n")
     cases = ((["--set", "task.name=csv", "--set", f"task.path={tmp_path / 'nope.csv'}"], "task.path: file not found"),
-             (["--set", "task.name=csv", "--set", f"task.path={garbage}"], "task.path: cannot read"),
+             (["--set", "task.name=csv", "--set", f"task.path={garbage}"], "line 1 is not UTF-8"),
              (["--set", "task.name=csv", "--set", f"task.path={tiny_csv}",
-               "--set", "partition.global_test_fraction=0.01"], "partition too small"))
+               "--set", "partition.global_test_fraction=0.01"], "partition.num_clients: 3 clients need at least 6"))
     cfg = write_config(tmp_path)
     for args, words in cases:
         res = runner.invoke(app, ["run", str(cfg), *args])

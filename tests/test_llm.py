@@ -68,7 +68,10 @@ def test_instruction_jsonl_loader(tmp_path):
     assert task.label_names == ["all", "math"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "x"}\n')
-    with pytest.raises(ValueError, match="line 1 needs 'instruction' and 'output'"):
+    with pytest.raises(ValueError, match="task.output_column: no column 'output'"):
+        load_task("instructions", path=str(bad))
+    bad.write_text('{"instruction": "x", "output": "y"}\n\n{"instruction": "x"}\n')
+    with pytest.raises(ValueError, match="line 3 needs 'instruction' and 'output'"):
         load_task("instructions", path=str(bad))
 
 

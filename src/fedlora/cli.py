@@ -27,10 +27,12 @@ def fail(msg: str) -> None:
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # the hub stays reachable (HF_HUB_OFFLINE is the user's choice): an unreachable model or dataset is one line
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retry warnings would bury the one-line error
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -162,7 +164,9 @@ def tasks() -> None:
     table.add_column("description")
     for name, desc in sorted(DESCRIPTIONS.items()):
         table.add_row(name, desc)
-    table.add_row("csv / jsonl", "your file: task.path, task.text_column, task.label_column")
+    table.add_row("csv / jsonl / file", "your file: task.path, task.text_column, task.label_column")
+    table.add_row("hf", "Hugging Face datasets: task.path = hub id, folder, save_to_disk folder, parquet/arrow/json")
+    table.add_row("instructions", "your JSONL instructions: instruction, input, output, category")
     console.print(table)
 
 

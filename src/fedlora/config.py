@@ -28,11 +28,20 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    # registered task name (see `fedlora tasks`) or "csv" / "jsonl" with `path`
+    # registered task name (see `fedlora tasks`); or your data with `path`: "csv" / "jsonl" (the format, whatever
+    # the suffix), "file" (format by suffix), "instructions" (JSONL instructions), "hf" (a `datasets` hub id or
+    # folder, a save_to_disk folder, a parquet / arrow / json / csv file)
     name: str = "rt-sentiment"
     path: str | None = None
+    split: str | None = None  # hf: the dataset split (None: "train", or the only one)
+    kind: Literal["auto", "classification", "instructions"] = "auto"  # auto: instructions if those columns exist
     text_column: str = "text"
     label_column: str = "label"
+    instruction_column: str = "instruction"  # instructions (alpaca / FlowerTune): prompt = instruction + input
+    input_column: str = "input"
+    output_column: str = "output"
+    category_column: str = "category"  # the label of an instruction (natural clients, Dirichlet)
+    min_examples_per_label: int | None = Field(None, gt=0)  # refuse rarer labels (None: warn about singletons)
     max_examples: int | None = Field(None, gt=0)  # subsample the whole task (seeded), for quick runs
     max_per_class: int | None = Field(None, gt=0)  # cap examples per label (healthtweets: 500 per outlet)
     keep_labels: list[str] | None = None  # keep only these labels / categories (e.g. 6 chatterbot categories)
@@ -155,11 +164,20 @@ class EvalConfig(_Section):
     generate_examples: int = Field(4, ge=0)
     baseline: bool = False  # also evaluate the untrained model (ΔW = 0) before round 1 -> baseline.json
     max_new_tokens: int = Field(32, gt=0)
+    # your metrics: registered names (fedlora.register_metric) or "module:function", e.g.
+    # "sklearn.metrics:balanced_accuracy_score"; columns global_<name> / personal_<name>
+    metrics: list[str] = Field(default_factory=list)
+    # the summary's best round maximizes this (a loss or perplexity: minimizes) on VALIDATION data, never on
+    # test; None: personal_accuracy (classification), personal_loss (causal LM)
+    best_metric: str | None = None
 
 
 class OutputConfig(_Section):
     dir: str = "runs"
     save_client_states: bool = True
+    # experiment trackers, each round: metrics, bytes, wall time (and CE-LoRA's weight heatmap).
+    # tensorboard writes <run_dir>/tensorboard; wandb and mlflow need `pip install fedlora[trackers]`
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
 
 
 # ---- privacy: client-level DP, see fedlora/privacy/dp.py ----

@@ -97,6 +97,17 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub name
 
 
+def unreachable(name: str, err: Exception, what: str = "model") -> FileNotFoundError:
+    """One line for a model that cannot be loaded: a local folder's error, or a hub name that is not reachable."""
+    msg = (str(err).splitlines() or [type(err).__name__])[0][:200]
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        return FileNotFoundError(f"model.name: cannot load the {what} from '{name}': {msg}")
+    return FileNotFoundError(
+        f"model.name: cannot load the {what} '{name}': not a local folder, and not reachable on the Hugging Face hub "
+        f"or in its cache ({msg}); download it where there is network (`hf download {name} --local-dir DIR`), "
+        f"copy DIR here and set model.name to DIR")
+
+
 def load_tokenizer(name: str):
     # the tiny test models borrow a real tokenizer: MiniLM's (BERT uncased) and SmolLM2's
     if name == "tiny-bert":
@@ -107,9 +118,8 @@ def load_tokenizer(name: str):
         path = resolve_model_path(name)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        msg = str(e).splitlines()[0]
-        raise FileNotFoundError(f"model.name: cannot load a tokenizer from '{name}': {msg}") from None
+    except (OSError, ValueError) as e:
+        raise unreachable(name, e, "tokenizer") from None
 
 
 def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
@@ -122,7 +132,7 @@ def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     except OSError as e:
-        raise FileNotFoundError(f"model.name: cannot load '{name}': {str(e).splitlines()[0]}") from None
+        raise unreachable(name, e) from None
     return model.eval()
 
 
@@ -135,7 +145,7 @@ def load_causal_lm(name: str, seed: int) -> nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except OSError as e:
-        raise FileNotFoundError(f"model.name: cannot load '{name}': {str(e).splitlines()[0]}") from None
+        raise unreachable(name, e) from None
     return model.eval()
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .adapters import AdaptedModel, factor_of
 from .config import TrainConfig
 from .data import BatchStream, Examples
+from .metrics import classification_metrics
 
 
 def _lr(factor: str, cfg: TrainConfig) -> float:
@@ -62,20 +65,10 @@ def local_train(am: AdaptedModel, data: Examples, stream: BatchStream, factors: 
     return {"train_loss": total / steps, "steps": steps}
 
 
-def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> float:
-    """Mean F1 over the labels present in gold or pred (sklearn's 'macro' on those labels)."""
-    f1s = []
-    for k in range(num_labels):
-        tp = ((pred == k) & (gold == k)).sum().item()
-        fp = ((pred == k) & (gold != k)).sum().item()
-        fn = ((pred != k) & (gold == k)).sum().item()
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return sum(f1s) / len(f1s) if f1s else 0.0
-
-
 @torch.inference_mode()
-def evaluate(am: AdaptedModel, data: Examples, batch_size: int = 64) -> dict[str, float]:
+def evaluate(am: AdaptedModel, data: Examples, batch_size: int = 64,
+             metrics: list[tuple[str, Callable[..., float]]] = ()) -> dict[str, float]:
+    """Accuracy, macro-F1 and loss of a classifier on `data`, plus `metrics` (see fedlora.metrics)."""
     am.model.eval()
     preds, loss_sum = [], 0.0
     for i in range(0, len(data), batch_size):
@@ -83,9 +76,8 @@ def evaluate(am: AdaptedModel, data: Examples, batch_size: int = 64) -> dict[str
         loss_sum += out.loss.item() * out.logits.shape[0]
         preds.append(out.logits.argmax(-1))
     pred = torch.cat(preds)
-    num_labels = int(max(pred.max().item(), data.labels.max().item())) + 1
-    return {"accuracy": (pred == data.labels).float().mean().item(),
-            "macro_f1": macro_f1(pred, data.labels, num_labels), "loss": loss_sum / len(data), "n": len(data)}
+    return {**classification_metrics(data.labels.numpy(), pred.numpy(), metrics), "loss": loss_sum / len(data),
+            "n": len(data)}
 
 
 @torch.inference_mode()

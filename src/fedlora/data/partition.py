@@ -6,7 +6,10 @@ split each client's part into its own train and test (personalized evaluation).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from datasets import Dataset
@@ -47,6 +50,20 @@ def make_partitioner(cfg: PartitionConfig, seed: int) -> Partitioner:
     raise ValueError(f"partition.scheme: unknown scheme '{cfg.scheme}'")
 
 
+def flwr_call(fn: Callable[[], Any], cfg: PartitionConfig) -> Any:
+    """A flwr-datasets partitioner call, its retry warnings silenced and its failure one line naming the fields."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return fn()
+        except ValueError as e:
+            if cfg.scheme != "dirichlet" or "attempts" not in str(e):
+                raise
+    raise ValueError(f"partition.alpha: no Dirichlet split (alpha {cfg.alpha}) gives each of the "
+                     f"{cfg.num_clients} clients partition.min_partition_size={cfg.min_partition_size} examples: "
+                     f"raise partition.alpha, or lower partition.min_partition_size or partition.num_clients")
+
+
 def split_task(task: Task, cfg: PartitionConfig, seed: int) -> Split:
     """`seed` is the run's data seed: it fixes the split whatever the training seed."""
     order = rng("split", seed).permutation(len(task.labels))
@@ -59,14 +76,17 @@ def split_task(task: Task, cfg: PartitionConfig, seed: int) -> Split:
                              f"(has: {sorted(task.columns) + ['label']})")
         if cfg.column != "label":
             columns[cfg.column] = [task.columns[cfg.column][i] for i in rest]
+    if len(rest) < 2 * cfg.num_clients:  # each client needs a train and a test example
+        raise ValueError(f"partition.num_clients: {cfg.num_clients} clients need at least {2 * cfg.num_clients} "
+                         f"examples, but {len(rest)} remain after the global test set: lower partition.num_clients")
     partitioner = make_partitioner(cfg, seed)
     partitioner.dataset = Dataset.from_dict(columns)
-    if partitioner.num_partitions != cfg.num_clients:
+    if flwr_call(lambda: partitioner.num_partitions, cfg) != cfg.num_clients:
         raise ValueError(f"partition.num_clients is {cfg.num_clients} but column '{cfg.column}' has "
                          f"{partitioner.num_partitions} distinct values")
     clients = []
     for cid in range(cfg.num_clients):
-        idx = np.asarray(partitioner.load_partition(cid)["idx"], dtype=np.int64)
+        idx = np.asarray(flwr_call(lambda c=cid: partitioner.load_partition(c), cfg)["idx"], dtype=np.int64)
         if len(idx) < 2:
             raise ValueError(f"client {cid} got {len(idx)} examples: partition too small "
                              f"(fewer clients, a larger partition.alpha, or more data)")

@@ -5,16 +5,21 @@ Tasks read files that ship inside PyPI packages (see shared offline-assets); not
 
 from __future__ import annotations
 
-import json
+import inspect
+import logging
 import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..models import package_dir
+from ..seeding import rng
+
+log = logging.getLogger("fedlora")
 
 
 @dataclass
@@ -49,7 +54,7 @@ def register(name: str, description: str):
     return deco
 
 
-def _encode(name: str, texts: list[str], raw_labels: list, columns: dict | None = None,
+def encode(name: str, texts: list[str], raw_labels: list, columns: dict | None = None,
             targets: list[str] | None = None) -> Task:
     label_names = sorted({str(x) for x in raw_labels})
     index = {n: i for i, n in enumerate(label_names)}
@@ -66,7 +71,7 @@ def rt_sentiment(**_) -> Task:
     df = pd.read_csv(path)
     df = df[df["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
     df = df[df["text"].str.strip().str.len() > 0]
-    return _encode("rt-sentiment", df["text"].str.strip().tolist(), df["category"].tolist(),
+    return encode("rt-sentiment", df["text"].str.strip().tolist(), df["category"].tolist(),
                    {"movie": df["movie_name"].astype(str).tolist()})
 
 
@@ -98,7 +103,7 @@ def healthtweets_outlet(max_per_class: int | None = 500, seed: int = 0, **_) -> 
     df = df[df["text"].str.split().str.len() >= 3].drop_duplicates(subset="text")
     if max_per_class:
         df = df.sample(frac=1.0, random_state=seed).groupby("outlet").head(max_per_class).sort_index()
-    return _encode("healthtweets-outlet", df["text"].tolist(), df["outlet"].tolist())
+    return encode("healthtweets-outlet", df["text"].tolist(), df["outlet"].tolist())
 
 
 _SYNTH_WORDS = [
@@ -124,7 +129,7 @@ def synthetic(num_labels: int = 4, n: int = 600, seed: int = 0, **_) -> Task:
                  for j in rng.integers(0, 10, size=8)]
         texts.append(" ".join(words))
         labels.append(f"class{k}")
-    return _encode("synthetic", texts, labels, {"group": [str(i % 3) for i in range(n)]})
+    return encode("synthetic", texts, labels, {"group": [str(i % 3) for i in range(n)]})
 
 
 @register("chatterbot-qa", "chatterbot-corpus question -> answer pairs, 21 categories (causal LM)")
@@ -149,85 +154,93 @@ def chatterbot_qa(**_) -> Task:
                     prompts.append(q)
                     answers.append(a)
                     cats.append(cat)
-    return _encode("chatterbot-qa", prompts, cats, {"category": cats}, targets=answers)
+    return encode("chatterbot-qa", prompts, cats, {"category": cats}, targets=answers)
 
 
-def load_instructions(path: str) -> Task:
-    """A user's JSONL instruction file: `instruction`, optional `input`, `output`, optional `category`."""
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"task.path: file not found: {path}")
-    prompts, answers, cats = [], [], []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"task.path: {path} line {i} is not JSON: {e.msg}") from None
-        if "instruction" not in row or "output" not in row:
-            raise ValueError(f"task.path: {path} line {i} needs 'instruction' and 'output' fields")
-        prompts.append(row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else ""))
-        answers.append(str(row["output"]))
-        cats.append(str(row.get("category", "all")))
-    if not prompts:
-        raise ValueError(f"task.path: {path} holds no instructions")
-    return _encode(p.stem, prompts, cats, {"category": cats}, targets=answers)
+FILE_TASKS = {"csv": "csv", "jsonl": "jsonl", "file": None, "instructions": None, "hf": None}
 
 
-def load_file(path: str, text_column: str, label_column: str) -> Task:
-    """A user's CSV or JSONL file with a text column and a label column."""
-    from pathlib import Path
+def subset(task: Task, keep) -> Task:
+    """The task restricted to rows `keep` (label ids unchanged)."""
+    return Task(task.name, [task.texts[i] for i in keep], [task.labels[i] for i in keep], task.label_names,
+                {c: [v[i] for i in keep] for c, v in task.columns.items()},
+                None if task.targets is None else [task.targets[i] for i in keep])
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"task.path: file not found: {path}")
-    try:
-        if p.suffix in (".jsonl", ".json"):
-            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-            df = pd.DataFrame(rows)
-        else:
-            df = pd.read_csv(p)
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
-        raise ValueError(f"task.path: cannot read {path}: {str(e).splitlines()[0]}") from None
-    for col, field_name in ((text_column, "task.text_column"), (label_column, "task.label_column")):
-        if col not in df.columns:
-            raise ValueError(f"{field_name}: no column '{col}' in {path} (columns: {list(df.columns)})")
-    df = df.dropna(subset=[text_column, label_column])
-    if df.empty:
-        raise ValueError(f"task.path: {path} has no rows with both '{text_column}' and '{label_column}'")
-    extra = {c: df[c].astype(str).tolist() for c in df.columns if c not in (text_column, label_column)}
-    return _encode(p.stem, df[text_column].astype(str).tolist(), df[label_column].tolist(), extra)
+
+def cap_per_class(task: Task, max_per_class: int, seed: int) -> Task:
+    """At most `max_per_class` rows per label, a seeded sample; rows keep their order."""
+    labels = np.asarray(task.labels)
+    gen = rng("task_sample", seed)
+    keep = np.concatenate([gen.permutation(np.flatnonzero(labels == k))[:max_per_class]
+                           for k in range(task.num_labels)])
+    return subset(task, np.sort(keep))
+
+
+def check_label_counts(task: Task, min_per_label: int | None) -> None:
+    """Refuse labels with fewer than `min_per_label` examples; without a minimum, warn about labels seen once
+    (such an example lands in one split only: it is either never learned or never tested)."""
+    counts = np.bincount(np.asarray(task.labels, dtype=np.int64), minlength=task.num_labels)
+    if min_per_label:
+        few = [f"'{task.label_names[k]}' ({counts[k]})" for k in np.flatnonzero(counts < min_per_label)]
+        if few:
+            raise ValueError(f"task.min_examples_per_label: {len(few)} label(s) of task '{task.name}' have fewer "
+                             f"than {min_per_label} examples: {', '.join(few[:5])}{' ...' if len(few) > 5 else ''}")
+        return
+    once = [task.label_names[k] for k in np.flatnonzero(counts == 1)]
+    if once:
+        log.warning("task '%s': %d label(s) occur only once (%s): they cannot be both learned and tested; "
+                    "set task.min_examples_per_label to refuse them, or task.keep_labels to drop them",
+                    task.name, len(once), ", ".join(once[:5]) + (" ..." if len(once) > 5 else ""))
 
 
 def load_task(name: str, *, path: str | None = None, text_column: str = "text", label_column: str = "label",
               max_examples: int | None = None, max_per_class: int | None = None, seed: int = 0,
-              keep_labels: list[str] | None = None) -> Task:
-    if name in ("csv", "jsonl", "file", "instructions"):
+              keep_labels: list[str] | None = None, min_examples_per_label: int | None = None,
+              **source: Any) -> Task:
+    """A registered task, or a user's data (`csv`, `jsonl`, `file`, `instructions`, `hf`) through
+    `load_task_source`; `source` holds its other column and split options."""
+    if name in FILE_TASKS:
+        from .source import load_task_source
+
         if not path:
             raise ValueError(f"task.path is required for task.name '{name}'")
-        task = load_instructions(path) if name == "instructions" else load_file(path, text_column, label_column)
+        if name == "instructions":
+            source["kind"] = "instructions"
+        task = load_task_source(path, fmt=FILE_TASKS[name], text_column=text_column, label_column=label_column,
+                                **source)
     elif name in TASKS:
-        kwargs = {"seed": seed}
-        if max_per_class is not None:
-            kwargs["max_per_class"] = max_per_class
-        task = TASKS[name](**kwargs)
+        fn = TASKS[name]
+        takes_cap = "max_per_class" in inspect.signature(fn).parameters
+        task = fn(seed=seed, **({"max_per_class": max_per_class} if takes_cap and max_per_class else {}))
+        if max_per_class and not takes_cap:
+            task = cap_per_class(task, max_per_class, seed)
     else:
-        raise ValueError(f"task.name: unknown task '{name}' (known: {', '.join(sorted(TASKS))}, csv, jsonl)")
+        raise ValueError(f"task.name: unknown task '{name}' (known: {', '.join(sorted(TASKS))}, "
+                         f"{', '.join(FILE_TASKS)})")
+    if name in FILE_TASKS and max_per_class:
+        task = cap_per_class(task, max_per_class, seed)
     if keep_labels:
         unknown = sorted(set(keep_labels) - set(task.label_names))
         if unknown:
             raise ValueError(f"task.keep_labels: {unknown} not in task '{task.name}' (labels: {task.label_names})")
         names = [task.label_names[y] for y in task.labels]
         keep = [i for i, n in enumerate(names) if n in keep_labels]
-        task = _encode(task.name, [task.texts[i] for i in keep], [names[i] for i in keep],
-                       {c: [v[i] for i in keep] for c, v in task.columns.items()},
-                       None if task.targets is None else [task.targets[i] for i in keep])
+        task = encode(task.name, [task.texts[i] for i in keep], [names[i] for i in keep],
+                      {c: [v[i] for i in keep] for c, v in task.columns.items()},
+                      None if task.targets is None else [task.targets[i] for i in keep])
     if max_examples and max_examples < len(task.texts):
         keep = np.sort(np.random.default_rng(seed).choice(len(task.texts), max_examples, replace=False))
-        task = Task(task.name, [task.texts[i] for i in keep], [task.labels[i] for i in keep], task.label_names,
-                    {c: [v[i] for i in keep] for c, v in task.columns.items()},
-                    None if task.targets is None else [task.targets[i] for i in keep])
+        task = subset(task, keep)
+    if not task.causal:
+        check_label_counts(task, min_examples_per_label)
     return task
+
+
+def task_from_config(t, seed: int) -> Task:
+    """`load_task` with a `TaskConfig`'s fields."""
+    return load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
+                     max_examples=t.max_examples, max_per_class=t.max_per_class, seed=seed,
+                     keep_labels=t.keep_labels, min_examples_per_label=t.min_examples_per_label, split=t.split,
+                     instruction_column=t.instruction_column, input_column=t.input_column,
+                     output_column=t.output_column, category_column=t.category_column,
+                     **({"kind": t.kind} if t.name != "instructions" else {}))

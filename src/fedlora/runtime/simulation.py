@@ -21,11 +21,24 @@ from safetensors.torch import save_file
 from ..adapters import inject_adapters
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, dump_config
-from ..data import BatchStream, Examples, concat, load_task, split_task, stratified_sample, tokenize, tokenize_causal
+from ..data import (
+    BatchStream,
+    Examples,
+    Split,
+    Task,
+    concat,
+    split_task,
+    stratified_sample,
+    task_from_config,
+    tokenize,
+    tokenize_causal,
+)
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
 from ..methods import get_method
+from ..metrics import resolve_metrics
 from ..models import default_targets, load_causal_lm, load_classifier, load_tokenizer
 from ..seeding import rng, torch_generator
+from ..trackers import Trackers, heatmap
 from ..train import evaluate, evaluate_lm, generate_answers, score_generations
 
 log = logging.getLogger("fedlora")
@@ -34,13 +47,13 @@ log = logging.getLogger("fedlora")
 METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "rouge_l", "exact_match")
 
 
-def evaluation_row(g: dict, per_client: list[dict]) -> dict:
+def evaluation_row(g: dict, per_client: list[dict], metrics: tuple[str, ...] = METRICS) -> dict:
     """The evaluation columns of a metrics row: global-test metrics `g`, per-client metrics on their own test.
 
     Classification has accuracy / macro-F1 / loss; a causal LM loss / perplexity and, when answers were
     generated, ROUGE-L / exact match. Personal metrics are unweighted means over clients."""
-    row = {f"global_{k}": float(g[k]) for k in METRICS if k in g}
-    for k in METRICS:
+    row = {f"global_{k}": float(g[k]) for k in metrics if k in g}
+    for k in metrics:
         if k in per_client[0]:
             row[f"personal_{k}"] = float(np.mean([m[k] for m in per_client]))
     if "accuracy" in per_client[0]:
@@ -54,7 +67,9 @@ def evaluation_row(g: dict, per_client: list[dict]) -> dict:
 
 
 class Simulation:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, *, task: Task | None = None,
+                 split: Split | None = None, model: torch.nn.Module | None = None, tokenizer=None):
+        """`task`, `split`, `model` and `tokenizer` replace what `cfg` names (the Python API passes objects)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.output.dir) / cfg.name
         if cfg.threads:
@@ -64,13 +79,10 @@ class Simulation:
         self.method = get_method(cfg.method.name)(cfg)
 
         # data: tokenized once; clients hold index subsets
-        t = cfg.task
         data_seed = cfg.split_seed
-        self.task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
-                              max_examples=t.max_examples, max_per_class=t.max_per_class, seed=data_seed,
-                              keep_labels=t.keep_labels)
-        self.split = split_task(self.task, cfg.partition, data_seed)
-        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.task = task if task is not None else task_from_config(cfg.task, data_seed)
+        self.split = split if split is not None else split_task(self.task, cfg.partition, data_seed)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name)
         if self.task.causal:
             everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
         else:
@@ -97,12 +109,18 @@ class Simulation:
         self.client_prompts = [
             everything.subset(stratified_sample(i, labels, n_gen, rng("eval_sample", data_seed, 3, c)))
             for c, i in enumerate(c_idx)]
+        # validation sets scored beside test, so that the summary's best round is chosen on them, never on test
+        self.client_val = [
+            everything.subset(stratified_sample(v, labels, e.max_client_examples, rng("eval_sample", data_seed, 4, c)))
+            for c, v in enumerate(self.split.validation)] if e.split == "test" and self.split.validation else None
+        self.metric_fns = resolve_metrics(cfg.eval.metrics)
+        self.metric_names = METRICS + tuple(n for n, _ in self.metric_fns)
         self.num_clients = cfg.partition.num_clients
 
         # one base model, adapters injected once
-        if self.task.causal:
+        if model is None and self.task.causal:
             model = load_causal_lm(cfg.model.name, cfg.seed)
-        else:
+        elif model is None:
             model = load_classifier(cfg.model.name, self.task.num_labels, cfg.seed)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -172,11 +190,13 @@ class Simulation:
         """The task's metrics of the model as it is now on `data` (and greedy answers to `prompts`, for a causal LM)."""
         bs = self.cfg.eval.batch_size
         if not self.task.causal:
-            return evaluate(self.am, data, bs)
+            return evaluate(self.am, data, bs, self.metric_fns)
         m = evaluate_lm(self.am, data, bs)
         if generate and prompts is not None:
             gen = generate_answers(self.am, self.tokenizer, prompts, self.cfg.eval.max_new_tokens)
             m |= score_generations(gen)
+            refs, answers = [s["reference"] for s in gen], [s["answer"] for s in gen]
+            m |= {name: float(fn(refs, answers)) for name, fn in self.metric_fns}
             if samples is not None:
                 samples.extend(gen)
         return m
@@ -190,11 +210,13 @@ class Simulation:
         """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
         generate = generate and self.task.causal and self.cfg.eval.generate_examples > 0
         samples: dict[str, list] = {}
+        val: list[dict] = []
         if self.single_model():
             self.am.set_state(self.eval_state(0))
             g = self.measure(self.global_test, generate, samples.setdefault("global", []), self.global_prompts)
             per_client = [self.measure(d, generate, samples.setdefault(f"client_{c}", []), self.client_prompts[c])
                           for c, d in enumerate(self.client_test)]
+            val = [self.measure(d, False) for d in self.client_val or []]
         else:
             per_client, gs = [], []
             global_cids = self.global_eval_clients()
@@ -202,17 +224,22 @@ class Simulation:
                 self.am.set_state(self.eval_state(cid))
                 own = samples.setdefault(f"client_{cid}", [])
                 per_client.append(self.measure(self.client_test[cid], generate, own, self.client_prompts[cid]))
+                if self.client_val:
+                    val.append(self.measure(self.client_val[cid], False))
                 if cid in global_cids:
                     gs.append(self.measure(self.global_test, generate, samples.setdefault(f"global_by_{cid}", []),
                                            self.global_prompts))
-            g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in METRICS}
+            g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in self.metric_names}
         if generate:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / f"samples_round_{self.server.last_round}.jsonl", "w") as f:
                 for who, rows in samples.items():
                     for r in rows[:3]:  # a few per model is enough to read
                         f.write(json.dumps({"model": who, **r}) + "\n")
-        return evaluation_row(g, per_client)
+        row = evaluation_row(g, per_client, self.metric_names)
+        if val:
+            row |= {f"val_personal_{k}": float(np.mean([m[k] for m in val])) for k in self.metric_names if k in val[0]}
+        return row
 
     # ---- checkpoints: everything a bit-identical resume needs ----
     def snapshot(self) -> dict:
@@ -248,6 +275,8 @@ class Simulation:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         self.write_adapter_meta()
+        trackers = Trackers(self.cfg.output.loggers, self.run_dir, self.cfg.name, self.cfg.model_dump(mode="json")) \
+            if self.cfg.output.loggers else None
         ck = load_checkpoint(self.run_dir) if resume else None
         if ck is not None:
             self.restore(ck)
@@ -264,8 +293,12 @@ class Simulation:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 save_checkpoint(self.run_dir, self.snapshot())
+                if trackers:
+                    trackers.log_round(t, row, self.weights_image(t))
                 if on_round:
                     on_round(row)
+        if trackers:
+            trackers.close()
         summary = self.summary(sum(r["wall_s"] for r in self.history))
         if baseline_path.is_file():
             summary["baseline"] = json.loads(baseline_path.read_text())
@@ -286,12 +319,44 @@ class Simulation:
         final = {f"{w}_{k}": last.get(f"{w}_{k}") for w in ("global", "personal") for k in METRICS
                  if f"{w}_{k}" in last}
         final |= {k: last[k] for k in ("client_accuracy", "client_perplexity") if k in last}
+        final |= {k: last[k] for k in last if k.startswith(("global_", "personal_")) and k not in final
+                  and isinstance(last[k], float)}  # the user's metrics (eval.metrics)
         return {"name": self.cfg.name, "method": self.method.name, "head": self.method.head,
                 "task": self.task.name, "num_clients": self.num_clients, "rounds": rounds,
                 "global_accuracy": None, "personal_accuracy": None,  # None for a causal LM; set below otherwise
                 **final, "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
                 "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
-                **totals, **{f"final_down_{k}": v for k, v in final_down.items()}, "wall_s": wall}
+                **totals, **{f"final_down_{k}": v for k, v in final_down.items()}, "wall_s": wall,
+                "final_round": last.get("round"), **self.best_round()}
+
+    def best_round(self) -> dict:
+        """The round that scored best on VALIDATION data (eval.best_metric), with that round's metrics; a run
+        without a validation split has none (the best round is never chosen on test)."""
+        key = self.cfg.eval.best_metric or ("personal_loss" if self.task.causal else "personal_accuracy")
+        if self.cfg.eval.split == "validation":
+            col = key  # every evaluation column is a validation metric
+        elif self.client_val is not None and key.startswith("personal_"):
+            col = f"val_{key}"
+        else:
+            why = "no validation split (partition.client_val_fraction is 0)" if self.client_val is None else \
+                f"eval.best_metric '{key}' has no validation column (validation is per client: personal_*)"
+            return {"best_round": None, "best_selected_on": f"none: {why}; never chosen on test"}
+        rows = [r for r in self.history if col in r]
+        if not rows:
+            raise ValueError(f"eval.best_metric: no evaluated round has column '{col}'")
+        lower = "loss" in key or "perplexity" in key
+        best = (min if lower else max)(rows, key=lambda r: r[col])
+        cols = {k: best[k] for k in best if k.startswith(("global_", "personal_", "val_"))
+                and isinstance(best[k], float)}
+        return {"best_round": best["round"], "best_selected_on": f"validation {key} ({'min' if lower else 'max'})",
+                "best": cols}
+
+    def weights_image(self, t: int):
+        """CE-LoRA's round-t mixing weights as a heatmap image (None for other methods)."""
+        lw = getattr(self.method, "last_weights", None)
+        if not lw or lw.get("round") != t:
+            return None
+        return heatmap(np.asarray(lw["weights"]), list(lw["clients"]), f"CE-LoRA weights, round {t}")
 
     def write_adapter_meta(self) -> None:
         meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.cfg.adapter.r,
