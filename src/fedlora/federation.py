@@ -70,6 +70,7 @@ class Server:
         self.last_round = 0  # last round that was aggregated
         self.spec = {k: (tuple(v.shape), v.dtype) for k, v in init_state.items()}  # for validation
         self.extra: dict = {}  # method-specific server state
+        self.participants: list[int] = []  # the clients sampled for the current round
 
     def initial_client_state(self, init_state: dict[str, torch.Tensor]) -> ClientState:
         # the seeded initial adapter, identical on every client; shared keys reference the server's
@@ -79,8 +80,10 @@ class Server:
     def sample(self) -> list[int]:
         k = self.fed.clients_per_round
         if k is None or k >= self.num_clients:
-            return list(range(self.num_clients))
-        return sorted(self.sample_rng.choice(self.num_clients, size=k, replace=False).tolist())
+            self.participants = list(range(self.num_clients))
+        else:
+            self.participants = sorted(self.sample_rng.choice(self.num_clients, size=k, replace=False).tolist())
+        return self.participants
 
     def download(self, cid: int, t: int) -> Download:
         dl = Download(cid, t, self.method.download(self, cid, t))
@@ -201,7 +204,7 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
     am.set_state(state.full())
     # training noise (the base model's dropout) from a generator seeded by (seed, client, round), not by
     # whatever ran before in this process: the same result in process or on a Flower SuperNode
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[am.device] if am.device.type == "cuda" else []):
         torch.manual_seed(int(np.random.SeedSequence([stream.seed, 103, stream.stream_id, t]).generate_state(1)[0]))
         stats = local_train(am, data, stream, method.trainable(t), train, train.local_steps)
     trained = am.get_state()

@@ -2,6 +2,7 @@
 
 LoRA keeps A (r×d, down) and B (k×r, up); the tri-matrix form adds a dense core C (r×r) between
 them (CE-LoRA). W0 stays frozen; which of A, B, C train is set per round by the method.
+The factors are fp32 whatever W0's dtype (bf16, or a bitsandbytes 4/8-bit layer): they are the master copies.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 class LowRankLinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, tri: bool = False):
         super().__init__()
-        k, d = base.weight.shape  # (out, in)
+        k, d = base.out_features, base.in_features  # a 4-bit base packs its weight: not (out, in)
         if r > min(k, d):
             raise ValueError(f"adapter rank r={r} is larger than the layer ({k}×{d})")
         self.base = base
@@ -24,12 +25,16 @@ class LowRankLinear(nn.Module):
             base.bias.requires_grad_(False)
         self.r, self.scale = r, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dev, dt = base.weight.device, base.weight.dtype
-        self.A = nn.Parameter(torch.empty(r, d, device=dev, dtype=dt))  # (r, in)
-        self.B = nn.Parameter(torch.zeros(k, r, device=dev, dtype=dt))  # (out, r)
-        self.C = nn.Parameter(torch.zeros(r, r, device=dev, dtype=dt)) if tri else None  # (r, r)
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0 -> ΔW = 0
+        self.A = nn.Parameter(torch.empty(r, d))  # (r, in)
+        self.B = nn.Parameter(torch.zeros(k, r))  # (out, r)
+        self.C = nn.Parameter(torch.zeros(r, r)) if tri else None  # (r, r)
+        # PEFT's LoRA init; B = 0 -> ΔW = 0. Drawn on the CPU, so a CUDA run starts from the same A
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        for p in (self.A, self.B, self.C):
+            if p is not None:
+                p.data = p.data.to(base.weight.device)
         self.merged = False
+        self._w0: torch.Tensor | None = None  # W0 itself while merged, so that unmerge restores it exactly
 
     @property
     def in_features(self) -> int:
@@ -48,22 +53,34 @@ class LowRankLinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = self.dropout(x) @ self.A.t()  # (..., r)
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # a bf16 / quantized base outside autocast
+            x = x.to(self.A.dtype)
+        h = x @ self.A.t()  # (..., r)
         if self.C is not None:
             h = h @ self.C.t()  # (..., r)
-        return y + self.scale * (h @ self.B.t())
+        return y + (self.scale * (h @ self.B.t())).to(y.dtype)
+
+    @property
+    def mergeable(self) -> bool:
+        """A plain fp32 W0: folding ΔW into a bf16 or quantized one would round the adapter away."""
+        return type(self.base) is nn.Linear and self.base.weight.dtype == torch.float32
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into W0 for inference; forward then costs what the base layer costs."""
+        """Use W0 + ΔW as the layer's weight for inference; forward then costs what the base layer costs.
+
+        W0 is kept aside (one extra weight per layer while merged) rather than recovered by subtraction,
+        which would not give back W0 bit for bit."""
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self._w0 = self.base.weight.data
+            self.base.weight.data = self._w0 + self.delta_weight().to(self._w0.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.data, self._w0 = self._w0, None
             self.merged = False
 
     def extra_repr(self) -> str:

@@ -6,8 +6,9 @@ for the task head, whose factor is `head`. The base model's own weights are neve
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -75,6 +76,7 @@ class AdaptedModel:
                  tri: bool):
         self.model, self.targets, self.head_modules = model, targets, head_modules
         self.r, self.alpha, self.tri = r, alpha, tri
+        self.precision = "fp32"  # autocast dtype of training and evaluation (fedlora/compute.py)
         self.layers: dict[str, LowRankLinear] = {t: model.get_submodule(t) for t in targets}
         self._params: dict[str, nn.Parameter] = {}
         for t, layer in self.layers.items():
@@ -93,9 +95,14 @@ class AdaptedModel:
     def parameters(self, factors: Iterable[str]) -> list[nn.Parameter]:
         return [self._params[k] for k in self.keys(factors)]
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._params.values())).device
+
     def get_state(self, factors: Iterable[str] = FACTORS) -> dict[str, torch.Tensor]:
-        """A detached copy of the adapter state for the given factors."""
-        return {k: self._params[k].detach().clone() for k in self.keys(factors)}
+        """A detached CPU copy of the adapter state for the given factors (client states live in host memory,
+        so that the accelerator holds one model whatever the number of clients)."""
+        return {k: self._params[k].detach().to("cpu", copy=True) for k in self.keys(factors)}
 
     @torch.no_grad()
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -126,3 +133,16 @@ class AdaptedModel:
     def unmerge(self) -> None:
         for layer in self.layers.values():
             layer.unmerge()
+
+    @contextlib.contextmanager
+    def merged(self) -> Iterator[None]:
+        """Evaluate with ΔW folded into the weights (no low-rank branch per forward), W0 restored exactly after;
+        a no-op when any target layer cannot be merged (bf16 or quantized base)."""
+        ok = all(layer.mergeable for layer in self.layers.values())
+        if ok:
+            self.merge()
+        try:
+            yield
+        finally:
+            if ok:
+                self.unmerge()
