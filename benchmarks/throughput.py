@@ -148,7 +148,7 @@ def bench_model(model: str, arms: list[str], size: str, quick: bool, repeats: in
         round_fn(am, states, train, test, 1, causal)  # warm-up: kernels, allocator, autocast caches
         runs[arm] = {"am": am, "states": states, "fn": round_fn, "device": device, "times": [], "train_s": []}
     for _ in range(repeats):  # alternate the arms, so that the machine's load falls on each alike
-        for arm, r in runs.items():
+        for r in runs.values():
             sync(r["device"])
             t0 = time.perf_counter()
             n_steps = r["fn"](r["am"], r["states"], train, test, steps, causal)
@@ -172,7 +172,7 @@ def bench_model(model: str, arms: list[str], size: str, quick: bool, repeats: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--repeats", type=int, default=None)
@@ -190,17 +190,18 @@ def main() -> None:
             arms.append(arm)
     repeats = args.repeats or (1 if args.quick else 3)
     print(f"cpu native bf16: {native_bf16_cpu()}; torch {torch.__version__}; threads {args.threads}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("throughput_quick.json" if args.quick else "throughput.json")
     rows = []
     for model in args.models.split(","):
-        for device in ("cpu", "cuda"):  # CPU and GPU arms apart: each at its own size
+        for device in ("cuda", "cpu"):  # GPU and CPU arms apart, each at its own size; the GPU first
             these = [a for a in arms if ARMS[a][0] == device]
             if these:
                 rows += bench_model(model, these, "quick" if args.quick else device, args.quick, repeats)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "throughput_quick.json" if args.quick else "throughput.json"
-    (out / name).write_text(json.dumps({"rows": rows, "skipped": skipped, "torch": torch.__version__,
-                                        "cpu_native_bf16": native_bf16_cpu(), "threads": args.threads}, indent=2))
+                # written after every group: a run stopped by its time limit keeps what it measured
+                path.write_text(json.dumps({"rows": rows, "skipped": skipped, "torch": torch.__version__,
+                                            "cpu_native_bf16": native_bf16_cpu(), "threads": args.threads}, indent=2))
     print("| model | arm | batch × len | clients × steps | round s | steps/s | vs fp32 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

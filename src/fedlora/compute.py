@@ -47,11 +47,13 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 
 def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX): where bf16 autocast pays off."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): only then does bf16 autocast pay off on it."""
     try:
-        return "bf16" in open("/proc/cpuinfo").read().split("flags", 2)[1].split("\n", 1)[0]
-    except (OSError, IndexError):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
