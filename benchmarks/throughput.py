@@ -133,10 +133,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_model(model: str, arms: list[str], size: str, quick: bool, repeats: int) -> list[dict]:
+def bench_model(model: str, arms: list[str], size: str, quick: bool, repeats: int, steps: int | None = None,
+                clients: int | None = None) -> list[dict]:
     base = build(model, quick)
     causal = model == "smollm2"
-    batch, length, steps, clients, n_eval = SIZES[size][model]
+    batch, length, size_steps, size_clients, n_eval = SIZES[size][model]
+    steps, clients = steps or size_steps, clients or size_clients
     train = random_tokens(model, base.config.vocab_size, max(4 * batch, 32), length, batch)
     test = random_tokens(model, base.config.vocab_size, n_eval, length, batch)
     runs = {}
@@ -177,6 +179,8 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU arms)")
+    ap.add_argument("--steps", type=int, default=None, help="local steps per client (default: the size's)")
+    ap.add_argument("--clients", type=int, default=None, help="clients per round (default: the size's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     arms, skipped = [], {}
@@ -198,7 +202,8 @@ def main() -> None:
         for device in ("cuda", "cpu"):  # GPU and CPU arms apart, each at its own size; the GPU first
             these = [a for a in arms if ARMS[a][0] == device]
             if these:
-                rows += bench_model(model, these, "quick" if args.quick else device, args.quick, repeats)
+                rows += bench_model(model, these, "quick" if args.quick else device, args.quick, repeats, args.steps,
+                                    args.clients)
                 # written after every group: a run stopped by its time limit keeps what it measured
                 path.write_text(json.dumps({"rows": rows, "skipped": skipped, "torch": torch.__version__,
                                             "cpu_native_bf16": native_bf16_cpu(), "threads": args.threads}, indent=2))
