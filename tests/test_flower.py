@@ -28,6 +28,7 @@ pytest.importorskip("flwr", reason="flwr is not installed")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from fedlora.accounting import raw_bytes, serialized_bytes  # noqa: E402
 from fedlora.config import build_config  # noqa: E402
 from fedlora.federation import ClientState  # noqa: E402
 from fedlora.runtime.flower import ClientStore, from_record, to_record  # noqa: E402
@@ -216,11 +217,18 @@ def test_restarted_supernode_resumes_from_disk(federation, tmp_path):
 def test_wire_formats_carry_bf16_exactly():
     t = {"a.A": torch.randn(3, 4).to(torch.bfloat16), "classifier.weight": torch.randn(2, 4)}
     rec, cast = to_record(t, "arrays")
-    assert dict(cast) == {"a.A": "bfloat16"} and rec["a.A"].dtype == "float32"  # NumPy has no bfloat16
+    assert dict(cast) == {"a.A": "bfloat16"} and rec["a.A"].dtype == "int16"  # NumPy has no bfloat16: its bits
+    # bf16 crosses the wire at 2 bytes an element, as accounting.raw_bytes counts it: half of fp32
+    fp32_rec, _ = to_record({"a.A": t["a.A"].float()}, "arrays")
+    assert rec["a.A"].numpy().nbytes * 2 == fp32_rec["a.A"].numpy().nbytes == 3 * 4 * 4
+    assert raw_bytes({"a.A": t["a.A"]}) * 2 == raw_bytes({"a.A": t["a.A"].float()}) == 3 * 4 * 4
     back = from_record(rec, cast)
     assert back["a.A"].dtype == torch.bfloat16 and all(torch.equal(back[k], t[k]) for k in t)
     rec, cast = to_record(t, "packed")  # one uint8 Array holding a safetensors blob: bf16 as is
     assert list(rec) == ["safetensors"] and rec["safetensors"].dtype == "uint8" and not cast
+    half = {"a.A": torch.zeros(64, 64, dtype=torch.bfloat16)}
+    gap = serialized_bytes({"a.A": half["a.A"].float()}) - serialized_bytes(half)
+    assert abs(gap - 64 * 64 * 2) <= 8  # the header may differ by its alignment padding
     back = from_record(rec, cast)
     assert back["a.A"].dtype == torch.bfloat16 and all(torch.equal(back[k], t[k]) for k in t)
     assert from_record(*to_record({}, "packed")) == {}

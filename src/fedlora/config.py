@@ -11,9 +11,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message is one line naming the field or file."""
+from .errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -25,6 +23,10 @@ class ModelConfig(_Section):
     name: str = "minilm"
     max_length: int = Field(64, gt=0)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    # the frozen base weights' dtype (bf16 halves their memory; needs precision bf16/fp16); adapters stay fp32
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # causal LMs on CUDA: a 4-bit (NF4, double quantization) or 8-bit base via bitsandbytes (QLoRA)
+    quantization: Literal[4, 8] | None = None
 
 
 class TaskConfig(_Section):
@@ -150,6 +152,9 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    # personal metrics on a fixed seeded subset of this many clients (None: every client) ...
+    clients: int | None = Field(None, gt=0)
+    participants: bool = False  # ... plus the clients that took part in the round
     # "validation": evaluate on the clients' validation sets (partition.client_val_fraction) instead of the
     # test splits, and the global metric on their union: tune on this, report on "test"
     split: Literal["test", "validation"] = "test"
@@ -195,6 +200,9 @@ class RunConfig(_Section):
     # None: the same as `seed`. Fix it and vary `seed` to measure training noise on one split
     data_seed: int | None = Field(None, ge=0)
     threads: int | None = Field(None, gt=0)  # torch threads; None: torch's default
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")  # auto: cuda, else mps, else cpu
+    # bf16/fp16: autocast, fp32 master copies of adapters, head and optimizer state (see fedlora/compute.py)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
@@ -231,6 +239,11 @@ class RunConfig(_Section):
             raise ValueError(f"adapter.client_ranks: ranks must be positive, got {cr}")
         if isinstance(cr, dict) and (min(cr.values()) <= 0 or abs(sum(cr.values()) - 1) > 1e-6):
             raise ValueError(f"adapter.client_ranks: tier fractions must be positive and sum to 1, got {cr}")
+        if self.model.dtype != "fp32" and self.precision == "fp32" and self.model.quantization is None:
+            raise ValueError(f"model.dtype {self.model.dtype} needs precision bf16 or fp16 (autocast mixes the "
+                             "base's dtype with the fp32 adapters)")
+        if self.eval.clients is not None and self.eval.clients > n:
+            raise ValueError(f"eval.clients ({self.eval.clients}) > partition.num_clients ({n})")
         if self.eval.split == "validation" and self.partition.client_val_fraction == 0:
             raise ValueError("eval.split is 'validation' but partition.client_val_fraction is 0")
         return self

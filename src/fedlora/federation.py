@@ -80,6 +80,7 @@ class Server:
         if (fed.server_optimizer != "sgd" or fed.server_lr != 1.0) and not self.global_state:
             raise ValueError(f"federation.server_optimizer: method '{method.name}' holds no factor on the server "
                              f"(with head {method.head}); a server optimizer needs one")
+        self.participants: list[int] = []  # the clients sampled for the current round
 
     def initial_client_state(self, init_state: dict[str, torch.Tensor], cid: int | None = None) -> ClientState:
         # the seeded initial adapter, identical on every client; shared keys reference the server's.
@@ -93,8 +94,10 @@ class Server:
     def sample(self) -> list[int]:
         k = self.fed.clients_per_round
         if k is None or k >= self.num_clients:
-            return list(range(self.num_clients))
-        return sorted(self.sample_rng.choice(self.num_clients, size=k, replace=False).tolist())
+            self.participants = list(range(self.num_clients))
+        else:
+            self.participants = sorted(self.sample_rng.choice(self.num_clients, size=k, replace=False).tolist())
+        return self.participants
 
     def download(self, cid: int, t: int) -> Download:
         dl = Download(cid, t, self.method.download(self, cid, t))
@@ -235,7 +238,7 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
     am.set_state(state.full())
     # training noise (the base model's dropout) from a generator seeded by (seed, client, round), not by
     # whatever ran before in this process: the same result in process or on a Flower SuperNode
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[am.device] if am.device.type == "cuda" else []):
         torch.manual_seed(torch_seed("train_noise", method.cfg.seed, dl.client, t))
         stats = local_train(am, data, stream, method.trainable(t), train, method.local_steps(),
                             hook=method.local_hook(state, t))

@@ -136,17 +136,52 @@ def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
     return model.eval()
 
 
-def load_causal_lm(name: str, seed: int) -> nn.Module:
-    """A causal LM in fp32: "smollm2" (packaged, cached conversion), "tiny-llama" (random), a folder or hub name."""
+def load_causal_lm(name: str, seed: int, dtype: torch.dtype = torch.float32, quantization: int | None = None,
+                   device: torch.device | None = None) -> nn.Module:
+    """A causal LM: "smollm2" (packaged, cached conversion), "tiny-llama" (random), a folder or hub name.
+
+    `quantization` 4 or 8 loads the base through bitsandbytes on a CUDA `device` (QLoRA: NF4 with double
+    quantization, compute in `dtype`; or LLM.int8()); the low-rank factors trained on top stay fp32."""
     torch.manual_seed(torch_seed("adapter_init", seed))  # the head (and a random test model) from the run seed
-    if name == "tiny-llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=len(load_tokenizer(name)), **TINY_LLAMA)).eval()
-    path = str(smollm2_dir()) if name == "smollm2" else resolve_model_path(name)
+    if name == "tiny-llama" and quantization is None:
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(load_tokenizer(name)), **TINY_LLAMA)).to(dtype).eval()
+    if name == "tiny-llama":  # bitsandbytes quantizes while loading: write the random model to a folder first
+        out = cache_dir() / f"tiny-llama-seed{seed}"
+        if not (out / "config.json").is_file():
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=len(load_tokenizer(name)), **TINY_LLAMA))
+            _atomic_dir(out, lambda d: model.save_pretrained(d, safe_serialization=True))
+        path = str(out)
+    else:
+        path = str(smollm2_dir()) if name == "smollm2" else resolve_model_path(name)
+    kwargs = {} if quantization is None else {"quantization_config": quantization_config(quantization, dtype),
+                                              "device_map": {"": str(device)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as e:
         raise unreachable(name, e) from None
     return model.eval()
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype):
+    """bitsandbytes settings: NF4 + double quantization (QLoRA, Dettmers et al. 2023) or 8-bit (LLM.int8())."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("model.quantization needs bitsandbytes: pip install 'fedlora[gpu]'")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def cast_base(model: nn.Module, dtype: torch.dtype, keep: list[str]) -> nn.Module:
+    """The frozen base in `dtype`; the modules in `keep` (the trained head) stay fp32 master copies."""
+    if dtype == torch.float32:
+        return model
+    model.to(dtype)
+    for name in keep:
+        model.get_submodule(name).float()
+    return model
 
 
 def default_targets(model: nn.Module) -> list[str]:

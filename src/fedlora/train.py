@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .adapters import AdaptedModel, factor_of
-from .config import TrainConfig
-from .data import BatchStream, Examples
+from .compute import autocast, grad_scaler
 from .metrics import classification_metrics
+
+if TYPE_CHECKING:  # torch alone at run time: benchmarks/throughput.py runs on a bare GPU machine
+    from .config import TrainConfig
+    from .data import BatchStream, Examples
 
 
 def _lr(factor: str, cfg: TrainConfig) -> float:
@@ -31,9 +35,18 @@ class LocalHook:
         pass
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def local_train(am: AdaptedModel, data: Examples, stream: BatchStream, factors: set[str], cfg: TrainConfig,
                 steps: int, hook: LocalHook | None = None) -> dict[str, float]:
-    """`steps` optimizer steps (AdamW or SGD) on the given factors (a fresh optimizer each round, as in FedAvg)."""
+    """`steps` optimizer steps (AdamW or SGD) on the given factors (a fresh optimizer each round, as in FedAvg).
+
+    Under bf16/fp16 (`am.precision`) the forward runs in autocast while the parameters and AdamW's moments
+    stay fp32. The loss is summed on the device and read once at the end: no host sync per step."""
     am.set_trainable(factors)
     groups = [{"params": ps, "lr": _lr(f, cfg)} for f in sorted(factors) if (ps := am.parameters({f}))]
     if not groups:
@@ -45,38 +58,47 @@ def local_train(am: AdaptedModel, data: Examples, stream: BatchStream, factors: 
         opt = torch.optim.SGD(groups, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    device = am.device
+    scaler = grad_scaler(device, am.precision)
     am.model.train()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     for _ in range(steps):
-        batch = data.batch(stream.next_rows())
-        loss = am.model(**batch).loss
-        extra = hook.loss(named) if hook is not None else None
-        (loss if extra is None else loss + extra).backward()
+        batch = to_device(data.batch(stream.next_rows()), device)
+        with autocast(device, am.precision):
+            loss = am.model(**batch).loss
+            extra = hook.loss(named) if hook is not None else None
+        scaler.scale(loss if extra is None else loss + extra).backward()
         if cfg.max_grad_norm:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         if hook is not None:
             with torch.no_grad():
                 hook.after_step(named, lrs)
-        total += loss.item()  # the task loss alone, comparable across methods
+        total += loss.detach()  # the task loss alone, comparable across methods
     am.model.eval()
     am.set_trainable(())
-    return {"train_loss": total / steps, "steps": steps}
+    return {"train_loss": total.item() / steps, "steps": steps}
 
 
 @torch.inference_mode()
 def evaluate(am: AdaptedModel, data: Examples, batch_size: int = 64,
              metrics: list[tuple[str, Callable[..., float]]] = ()) -> dict[str, float]:
-    """Accuracy, macro-F1 and loss of a classifier on `data`, plus `metrics` (see fedlora.metrics)."""
+    """Accuracy, macro-F1 and loss of a classifier on `data`, plus `metrics` (see fedlora.metrics), with the
+    adapter merged into the weights (one host sync at the end)."""
     am.model.eval()
-    preds, loss_sum = [], 0.0
-    for i in range(0, len(data), batch_size):
-        out = am.model(**data.batch(slice(i, i + batch_size)))
-        loss_sum += out.loss.item() * out.logits.shape[0]
-        preds.append(out.logits.argmax(-1))
-    pred = torch.cat(preds)
-    return {**classification_metrics(data.labels.numpy(), pred.numpy(), metrics), "loss": loss_sum / len(data),
+    device = am.device
+    preds, loss_sum = [], torch.zeros((), dtype=torch.float64 if device.type != "mps" else torch.float32,
+                                      device=device)
+    with am.merged(), autocast(device, am.precision):
+        for i in range(0, len(data), batch_size):
+            out = am.model(**to_device(data.batch(slice(i, i + batch_size)), device))
+            loss_sum += out.loss.to(loss_sum.dtype) * out.logits.shape[0]
+            preds.append(out.logits.argmax(-1))
+    pred = torch.cat(preds).cpu()
+    return {**classification_metrics(data.labels.numpy(), pred.numpy(), metrics), "loss": loss_sum.item() / len(data),
             "n": len(data)}
 
 
@@ -84,15 +106,20 @@ def evaluate(am: AdaptedModel, data: Examples, batch_size: int = 64,
 def evaluate_lm(am: AdaptedModel, data: Examples, batch_size: int = 16) -> dict[str, float]:
     """Token-level loss and perplexity on the answer tokens (labels != -100)."""
     am.model.eval()
-    loss_sum, tokens = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        b = data.batch(slice(i, i + batch_size))
-        logits = am.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        target = b["labels"][:, 1:]
-        loss_sum += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                      target.reshape(-1), ignore_index=-100, reduction="sum").item()
-        tokens += int((target != -100).sum())
-    loss = loss_sum / max(1, tokens)
+    device = am.device
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64 if device.type != "mps" else torch.float32,
+                                   device=device), 0
+    with am.merged(), autocast(device, am.precision):
+        for i in range(0, len(data), batch_size):
+            b = data.batch(slice(i, i + batch_size))
+            target = b["labels"][:, 1:]
+            tokens += int((target != -100).sum())
+            b = to_device(b, device)
+            logits = am.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss_sum += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                          b["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                                                          reduction="sum")
+    loss = loss_sum.item() / max(1, tokens)
     return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "n": len(data), "tokens": tokens}
 
 
@@ -111,8 +138,9 @@ def generate_answers(am: AdaptedModel, tokenizer, data: Examples, max_new_tokens
         mask = torch.zeros_like(ids)
         for j, p in enumerate(prompts):
             ids[j, width - len(p):], mask[j, width - len(p):] = p, 1
-        gen = am.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=pad_id)
+        with am.merged(), autocast(am.device, am.precision):
+            gen = am.model.generate(input_ids=ids.to(am.device), attention_mask=mask.to(am.device),
+                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id).cpu()
         for j, r in enumerate(rows):
             ref = data.labels[r][data.labels[r] != -100]
             out.append({"prompt": tokenizer.decode(prompts[j], skip_special_tokens=True),

@@ -11,8 +11,9 @@ see fedlora/ranks.py) and `get_state` returns them at the rank last set.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -91,6 +92,7 @@ class AdaptedModel:
         self.r, self.alpha, self.tri = r, alpha, tri
         self.scale = alpha / r
         self.rank: dict[str, int] = dict.fromkeys(targets, r)  # each layer's rank as last set (≤ r)
+        self.precision = "fp32"  # autocast dtype of training and evaluation (fedlora/compute.py)
         self.layers: dict[str, LowRankLinear] = {t: model.get_submodule(t) for t in targets}
         self._params: dict[str, nn.Parameter] = {}
         for t, layer in self.layers.items():
@@ -109,13 +111,18 @@ class AdaptedModel:
     def parameters(self, factors: Iterable[str]) -> list[nn.Parameter]:
         return [self._params[k] for k in self.keys(factors)]
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._params.values())).device
+
     def get_state(self, factors: Iterable[str] = FACTORS) -> dict[str, torch.Tensor]:
-        """A detached copy of the adapter state for the given factors (A, B at each layer's rank as last set)."""
+        """A detached CPU copy of the adapter state for the given factors, A and B at each layer's rank as last set
+        (client states live in host memory, so that the accelerator holds one model whatever the number of clients)."""
         out = {}
         for k in self.keys(factors):
             p, f = self._params[k].detach(), factor_of(k)
             r = self.rank[k.rsplit(".", 1)[0]] if f in ("A", "B") else None
-            out[k] = (p[:r] if f == "A" else p[:, :r] if f == "B" else p).clone().contiguous()
+            out[k] = (p[:r] if f == "A" else p[:, :r] if f == "B" else p).to("cpu", copy=True).contiguous()
         return out
 
     @torch.no_grad()
@@ -155,3 +162,16 @@ class AdaptedModel:
     def unmerge(self) -> None:
         for layer in self.layers.values():
             layer.unmerge()
+
+    @contextlib.contextmanager
+    def merged(self) -> Iterator[None]:
+        """Evaluate with ΔW folded into the weights (no low-rank branch per forward), W0 restored exactly after;
+        a no-op when any target layer cannot be merged (bf16 or quantized base)."""
+        ok = all(layer.mergeable for layer in self.layers.values())
+        if ok:
+            self.merge()
+        try:
+            yield
+        finally:
+            if ok:
+                self.unmerge()

@@ -102,7 +102,8 @@ def to_record(tensors: dict[str, torch.Tensor], wire: str = "arrays") -> tuple[A
     """Tensors as an ArrayRecord.
 
     wire = "arrays": one Flower Array per tensor (Flower's own form); dtypes NumPy lacks (bfloat16, float8)
-    travel as float32, exactly, and are named in the returned ConfigRecord to be cast back.
+    travel as their raw bits in an integer Array of the same width (bf16: 2 bytes, as counted), and are named
+    in the returned ConfigRecord to be viewed back.
     wire = "packed": the whole payload as one safetensors blob in a single uint8 Array (every dtype as is,
     bfloat16 included; one Flower object per payload instead of two per tensor: fewer HTTP requests).
     """
@@ -116,9 +117,12 @@ def to_record(tensors: dict[str, torch.Tensor], wire: str = "arrays") -> tuple[A
             arr = v.numpy()
         except TypeError:
             cast[k] = str(v.dtype).removeprefix("torch.")
-            arr = v.float().numpy()
+            arr = v.view(_BITS[v.element_size()]).numpy()
         rec[k] = Array.from_numpy_ndarray(arr)
     return rec, ConfigRecord(cast)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width carriers of raw bits
 
 
 def from_record(rec: ArrayRecord, cast: ConfigRecord | None = None) -> dict[str, torch.Tensor]:
@@ -129,7 +133,7 @@ def from_record(rec: ArrayRecord, cast: ConfigRecord | None = None) -> dict[str,
     out = {}
     for k, a in rec.items():
         t = torch.from_numpy(a.numpy().copy())
-        out[k] = t.to(getattr(torch, str(cast[k]))) if k in cast else t
+        out[k] = t.view(getattr(torch, str(cast[k]))) if k in cast else t
     return out
 
 
@@ -336,8 +340,10 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     state = apply_download(call.state, Download(call.cid, call.t + 1, call.download)).full()
     env.am.set_state(state)
     generate, own, on_global = bool(c["generate"]), [], []
-    own_m = env.measure(env.client_test[call.cid], generate, own, env.client_prompts[call.cid])
-    metrics = {f"personal_{k}": float(v) for k, v in own_m.items()}
+    metrics = {}
+    if bool(c.get("own_test", True)):  # eval.clients: not every client is measured on its own test set
+        own_m = env.measure(env.client_test[call.cid], generate, own, env.client_prompts[call.cid])
+        metrics = {f"personal_{k}": float(v) for k, v in own_m.items()}
     if bool(c["global_test"]):
         g_m = env.measure(env.global_test, generate, on_global, env.global_prompts)
         metrics |= {f"global_{k}": float(v) for k, v in g_m.items()}
@@ -674,6 +680,9 @@ class FlowerServer:
             worker = threading.Thread(target=global_test, name="fedlora-global-test")
             worker.start()
         global_cids = sim.global_eval_clients()  # as in Simulation.evaluate
+        own_cids = set(sim.eval_clients())
+        # the last round reaches every client too: each saves (and may send) its final state
+        wanted = [c for c in range(sim.num_clients) if final or c in own_cids or (not single and c in global_cids)]
         collect = final and bool(self.rc["collect-client-states"]) and cfg.output.save_client_states
 
         def build(cid: int) -> Callable[[], RecordDict]:
@@ -681,7 +690,7 @@ class FlowerServer:
                 s0 = server.synced.get(cid, 0)
                 rec, cast = to_record(sim.method.download(server, cid, server.last_round + 1), self.wire)
                 c = self.base_config(cid, t, s0, s0, global_test=not single and cid in global_cids, final=final,
-                                     collect=collect, generate=generate)
+                                     collect=collect, generate=generate, own_test=cid in own_cids)
                 return RecordDict({"config": c, "download": rec, "download_dtypes": cast})
             return make
 
@@ -690,7 +699,7 @@ class FlowerServer:
                 server.synced[cid] = have
             return redo
 
-        cids = [c for c in range(sim.num_clients) if c in self.nodes]
+        cids = [c for c in wanted if c in self.nodes]
         t0 = time.perf_counter()
         try:
             replies = self.exchange(EVALUATE, t, [_Send(c, build(c), resync(c)) for c in cids])
@@ -701,7 +710,7 @@ class FlowerServer:
         if single:
             g = server_eval["g"]
         per_client, gs, self.final_states = [], [], {}
-        for cid in range(sim.num_clients):
+        for cid in wanted:
             r = replies.get(cid)
             if not isinstance(r, Message):
                 log.warning("round %d: client %d not evaluated: %s", t, cid, r or "no SuperNode")
@@ -709,7 +718,8 @@ class FlowerServer:
             m = r.content["metrics"]
             part = {w: {k.removeprefix(w): float(v) for k, v in m.items() if k.startswith(w)}
                     for w in ("personal_", "global_")}
-            per_client.append(part["personal_"])
+            if part["personal_"]:
+                per_client.append(part["personal_"])
             if part["global_"]:
                 gs.append(part["global_"])
             if "samples" in r.content:
@@ -728,7 +738,9 @@ class FlowerServer:
                     for r in rows[:3]:
                         f.write(json.dumps({"model": who, **r}) + "\n")
         row = evaluation_row(g, per_client)
-        if len(per_client) < sim.num_clients:
+        if len(own_cids) < sim.num_clients:
+            row["eval_clients"] = sorted(own_cids)
+        if len(per_client) < len(own_cids):
             row["evaluated_clients"] = len(per_client)
         return row
 

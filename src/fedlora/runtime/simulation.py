@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..adapters import inject_adapters
+from ..adapters import detect_head, inject_adapters
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import RunConfig, dump_config
+from ..compute import DTYPES, check_precision, resolve_device, rng_state, set_rng_state
+from ..config import ConfigError, RunConfig, dump_config
 from ..data import (
     BatchStream,
     Examples,
@@ -36,7 +37,7 @@ from ..data import (
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
 from ..methods import get_method
 from ..metrics import resolve_metrics
-from ..models import default_targets, load_causal_lm, load_classifier, load_tokenizer
+from ..models import cast_base, default_targets, load_causal_lm, load_classifier, load_tokenizer
 from ..seeding import rng, torch_generator
 from ..trackers import Trackers, heatmap
 from ..train import evaluate, evaluate_lm, generate_answers, score_generations
@@ -76,6 +77,11 @@ class Simulation:
             torch.set_num_threads(cfg.threads)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+        self.device = resolve_device(cfg.device)  # before any loading: a missing GPU fails at once
+        check_precision(cfg.precision, self.device)
+        if cfg.model.quantization is not None and self.device.type != "cuda":
+            raise ConfigError(f"model.quantization: {cfg.model.quantization}-bit needs a CUDA device (bitsandbytes); "
+                              f"device '{cfg.device}' is {self.device.type} here")
         self.method = get_method(cfg.method.name)(cfg)
 
         # data: tokenized once; clients hold index subsets
@@ -118,18 +124,24 @@ class Simulation:
         self.num_clients = cfg.partition.num_clients
 
         # one base model, adapters injected once
+        a, dtype = cfg.adapter, DTYPES[cfg.model.dtype]
         if model is None and self.task.causal:
-            model = load_causal_lm(cfg.model.name, cfg.seed)
+            model = load_causal_lm(cfg.model.name, cfg.seed, dtype, cfg.model.quantization, self.device)
+        elif model is None and cfg.model.quantization is not None:
+            raise ConfigError(f"model.quantization is for causal LMs; task '{self.task.name}' is a classification task")
         elif model is None:
             model = load_classifier(cfg.model.name, self.task.num_labels, cfg.seed)
+            cast_base(model, dtype, keep=detect_head(model) if a.head_modules is None else a.head_modules)
+        if cfg.model.quantization is None:  # a quantized model was placed by bitsandbytes while loading
+            model.to(self.device)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        a = cfg.adapter
         # heterogeneous ranks: layers at the largest rank, the scale alpha / adapter.r on every client
         self.am = inject_adapters(model, a.target_modules or default_targets(model), max(self.method.ranks), a.alpha,
                                   a.dropout, tri=self.method.tri, head_modules=a.head_modules, scale=a.alpha / a.r,
                                   full_update=self.method.full_update, dual=self.method.dual,
                                   generator=torch_generator("adapter_init", cfg.seed, 1))
+        self.am.precision = cfg.precision
         self.method.setup(self)
         self.init_state = self.am.get_state()
 
@@ -206,26 +218,40 @@ class Simulation:
         k = self.cfg.eval.global_clients or self.num_clients
         return set(rng("eval_clients", self.cfg.split_seed).permutation(self.num_clients)[:k].tolist())
 
+    def eval_clients(self) -> list[int]:
+        """The clients measured on their own test sets: a fixed seeded subset of `eval.clients` (None: all),
+        plus with `eval.participants` the clients of the round just aggregated."""
+        n, k = self.num_clients, self.cfg.eval.clients
+        if k is None or k >= n:
+            return list(range(n))
+        # the same seeded order as global_eval_clients: the two subsets overlap, so fewer models are evaluated
+        chosen = set(rng("eval_clients", self.cfg.split_seed).permutation(n)[:k].tolist())
+        if self.cfg.eval.participants:
+            chosen |= set(self.server.participants)
+        return sorted(chosen)
+
     def evaluate(self, generate: bool = False) -> dict:
         """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
         generate = generate and self.task.causal and self.cfg.eval.generate_examples > 0
         samples: dict[str, list] = {}
         val: list[dict] = []
+        own_cids = self.eval_clients()
         if self.single_model():
             self.am.set_state(self.eval_state(0))
             g = self.measure(self.global_test, generate, samples.setdefault("global", []), self.global_prompts)
-            per_client = [self.measure(d, generate, samples.setdefault(f"client_{c}", []), self.client_prompts[c])
-                          for c, d in enumerate(self.client_test)]
-            val = [self.measure(d, False) for d in self.client_val or []]
+            per_client = [self.measure(self.client_test[c], generate, samples.setdefault(f"client_{c}", []),
+                                       self.client_prompts[c]) for c in own_cids]
+            val = [self.measure(self.client_val[c], False) for c in own_cids] if self.client_val else []
         else:
             per_client, gs = [], []
             global_cids = self.global_eval_clients()
-            for cid in range(self.num_clients):
+            for cid in sorted(global_cids | set(own_cids)):
                 self.am.set_state(self.eval_state(cid))
-                own = samples.setdefault(f"client_{cid}", [])
-                per_client.append(self.measure(self.client_test[cid], generate, own, self.client_prompts[cid]))
-                if self.client_val:
-                    val.append(self.measure(self.client_val[cid], False))
+                if cid in own_cids:
+                    own = samples.setdefault(f"client_{cid}", [])
+                    per_client.append(self.measure(self.client_test[cid], generate, own, self.client_prompts[cid]))
+                    if self.client_val:
+                        val.append(self.measure(self.client_val[cid], False))
                 if cid in global_cids:
                     gs.append(self.measure(self.global_test, generate, samples.setdefault(f"global_by_{cid}", []),
                                            self.global_prompts))
@@ -239,6 +265,8 @@ class Simulation:
         row = evaluation_row(g, per_client, self.metric_names)
         if val:
             row |= {f"val_personal_{k}": float(np.mean([m[k] for m in val])) for k in self.metric_names if k in val[0]}
+        if len(own_cids) < self.num_clients:
+            row["eval_clients"] = own_cids
         return row
 
     # ---- checkpoints: everything a bit-identical resume needs ----
@@ -253,7 +281,7 @@ class Simulation:
             "round": len(self.history), "history": self.history, "server": server.state_dict(),
             "clients": clients, "streams": [s.state() for s in self.streams],
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "dropout": self.dropout_rng.bit_generator.state},
+                    "dropout": self.dropout_rng.bit_generator.state, **rng_state(self.device)},
         }
 
     def restore(self, ck: dict) -> None:
@@ -265,6 +293,7 @@ class Simulation:
         for stream, state in zip(self.streams, ck["streams"], strict=True):
             stream.load(state)
         torch.set_rng_state(ck["rng"]["torch"])
+        set_rng_state(ck["rng"])
         random.setstate(ck["rng"]["python"])
         self.dropout_rng.bit_generator.state = ck["rng"]["dropout"]
         self.history = ck["history"]
