@@ -93,9 +93,10 @@ class AdaptedModel:
     def parameters(self, factors: Iterable[str]) -> list[nn.Parameter]:
         return [self._params[k] for k in self.keys(factors)]
 
-    def get_state(self, factors: Iterable[str] = FACTORS) -> dict[str, torch.Tensor]:
-        """A detached copy of the adapter state for the given factors."""
-        return {k: self._params[k].detach().clone() for k in self.keys(factors)}
+    def get_state(self, factors: Iterable[str] = FACTORS, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """A detached copy of the adapter state for the given factors (or exactly these `keys`)."""
+        keys = self.keys(factors) if keys is None else [k for k in self._params if k in set(keys)]
+        return {k: self._params[k].detach().clone() for k in keys}
 
     @torch.no_grad()
     def set_state(self, state: dict[str, torch.Tensor]) -> None:

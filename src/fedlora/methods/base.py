@@ -45,6 +45,9 @@ class Method:
     default_head: ClassVar[str] = "shared"
     server_factors: ClassVar[frozenset[str]] = frozenset()  # adapter factors held by the server, one copy
     pooled: ClassVar[bool] = False  # centralized: one trainer holds every client's training data
+    # clients can train together in one batched pass (train.clients_per_pass); False for a method whose
+    # local training is not plain `local_train` (e.g. a per-client loss term or gradient correction)
+    batchable: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

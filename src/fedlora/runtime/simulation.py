@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapters import inject_adapters
+from ..adapters.stacked import head_is_stackable
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, dump_config
 from ..data import BatchStream, Examples, concat, load_task, split_task, tokenize, tokenize_causal
-from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
+from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit, clients_fit
 from ..methods import get_method
 from ..models import default_targets, load_causal_lm, load_classifier, load_tokenizer
 from ..train import evaluate, evaluate_lm, generate_answers, score_generations
@@ -50,6 +51,21 @@ def evaluation_row(g: dict, per_client: list[dict]) -> dict:
     else:
         row["client_perplexity"] = [round(float(m["perplexity"]), 3) for m in per_client]
     return row
+
+
+def auto_clients_per_pass(model: torch.nn.Module, cfg: RunConfig) -> int:
+    """`clients_per_pass: auto`: 1 on a CPU; on a GPU, as many clients as the free memory holds, from a
+    rough estimate of one client's activations kept for backward (batch · tokens · hidden · layers ·
+    ~48 bytes in fp32), at most the round's clients."""
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return 1
+    c = model.config
+    hidden, layers = getattr(c, "hidden_size", 768), getattr(c, "num_hidden_layers", 12)
+    per_client = cfg.train.batch_size * cfg.model.max_length * hidden * layers * 48 * p.element_size() / 4
+    free, _ = torch.cuda.mem_get_info(p.device)
+    n = cfg.federation.clients_per_round or cfg.partition.num_clients
+    return int(max(1, min(n, 0.7 * free // per_client)))
 
 
 class Simulation:
@@ -107,6 +123,7 @@ class Simulation:
                         for cid, d in enumerate(self.train_sets)]
         self.dropout_rng = np.random.default_rng([cfg.seed, 102])
         self.history: list[dict] = []
+        self._warned_sequential = False
 
     # ---- one round ----
     def run_round(self, t: int) -> dict:
@@ -115,14 +132,26 @@ class Simulation:
         for cid in cids:
             self.send_descriptor(cid, t)
         downloads = {cid: self.server.download(cid, t) for cid in cids}
-        uploads: dict[int, Upload | None] = {}
-        for cid, dl in downloads.items():  # the in-process "transport": clients run one after another
+        fitted: dict[int, Upload | None] = {}
+        live = []
+        for cid, dl in downloads.items():
             if self.cfg.federation.dropout_rate and self.dropout_rng.random() < self.cfg.federation.dropout_rate:
                 self.clients[cid] = apply_download(self.clients[cid], dl)  # received, then vanished
-                uploads[cid] = None
+                fitted[cid] = None
+            else:
+                live.append(cid)
+        for group in self.passes(live):  # the in-process "transport": K clients per pass, passes one after another
+            if len(group) == 1:
+                cid = group[0]
+                fitted[cid], self.clients[cid] = client_fit(self.am, self.method, self.clients[cid], downloads[cid],
+                                                            self.train_sets[cid], self.streams[cid], self.cfg.train)
                 continue
-            uploads[cid], self.clients[cid] = client_fit(self.am, self.method, self.clients[cid], dl,
-                                                         self.train_sets[cid], self.streams[cid], self.cfg.train)
+            results = clients_fit(self.am, self.method, [self.clients[c] for c in group],
+                                  [downloads[c] for c in group], [self.train_sets[c] for c in group],
+                                  [self.streams[c] for c in group], self.cfg.train)
+            for cid, (up, state) in zip(group, results, strict=True):
+                fitted[cid], self.clients[cid] = up, state
+        uploads = {cid: fitted[cid] for cid in downloads}  # in sampling order: aggregation sums in this order
         row = self.server.finish_round(t, downloads, uploads)
         if t % self.cfg.eval.every == 0 or t == self.cfg.federation.rounds:
             row |= self.evaluate(generate=t == self.cfg.federation.rounds)
@@ -138,6 +167,29 @@ class Simulation:
         if self.method.needs_descriptor(self.server, cid):
             desc = self.method.client_descriptor(self.am, self.client_train[cid], self.client_classes(cid), cid)
             self.method.receive_descriptor(self.server, cid, desc, t)
+
+    def clients_per_pass(self) -> int:
+        """K of `train.clients_per_pass`, resolved; 1 where a pass of several clients cannot be batched."""
+        k = self.cfg.train.clients_per_pass
+        if k == "auto":
+            k = auto_clients_per_pass(self.am.model, self.cfg)
+        if k > 1 and (self.method.pooled or not self.method.batchable or not head_is_stackable(self.am)):
+            if not self._warned_sequential:
+                log.info("train.clients_per_pass=%d: method %s trains its clients one after another",
+                         k, self.method.name)
+                self._warned_sequential = True
+            return 1
+        return k
+
+    def passes(self, cids: list[int]) -> list[list[int]]:
+        """The round's live clients in passes of at most K, clients with equal state shapes together."""
+        k = self.clients_per_pass()
+        if k == 1:
+            return [[c] for c in cids]
+        by_shape: dict[tuple, list[int]] = {}
+        for c in cids:
+            by_shape.setdefault(tuple((n, tuple(v.shape)) for n, v in self.clients[c].full().items()), []).append(c)
+        return [g[i:i + k] for g in by_shape.values() for i in range(0, len(g), k)]
 
     # ---- evaluation ----
     def eval_state(self, cid: int) -> dict[str, torch.Tensor]:
