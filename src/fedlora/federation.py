@@ -245,7 +245,8 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
 
 
 def clients_fit(am: AdaptedModel, method: Method, states: list[ClientState], dls: list[Download],
-                datas: list[Examples], streams: list[BatchStream], train: TrainConfig) -> list[tuple[Upload, ClientState]]:
+                datas: list[Examples], streams: list[BatchStream],
+                train: TrainConfig) -> list[tuple[Upload, ClientState]]:
     """`client_fit` for K clients in one batched pass over the frozen base (see adapters/stacked.py).
 
     Same mathematics as K calls of client_fit; only the base model's and the adapters' dropout masks
