@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..adapters import inject_adapters
 from ..adapters.stacked import head_is_stackable
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import Checkpointer, load_checkpoint
 from ..config import RunConfig, dump_config
 from ..data import BatchStream, Examples, concat, load_task, split_task, tokenize, tokenize_causal
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit, clients_fit
@@ -124,6 +124,7 @@ class Simulation:
         self.dropout_rng = np.random.default_rng([cfg.seed, 102])
         self.history: list[dict] = []
         self._warned_sequential = False
+        self.checkpoint_costs: list[dict] = []  # bytes and seconds of each round's checkpoint in this process
 
     # ---- one round ----
     def run_round(self, t: int) -> dict:
@@ -248,7 +249,7 @@ class Simulation:
                         f.write(json.dumps({"model": who, **r}) + "\n")
         return evaluation_row(g, per_client)
 
-    # ---- checkpoints: everything a bit-identical resume needs ----
+    # ---- checkpoints: everything a bit-identical resume needs (written incrementally, see checkpoint.py) ----
     def snapshot(self) -> dict:
         server = self.server
         clients = {}
@@ -283,8 +284,10 @@ class Simulation:
         (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         self.write_adapter_meta()
         ck = load_checkpoint(self.run_dir) if resume else None
+        self.checkpointer = Checkpointer(self.run_dir)
         if ck is not None:
             self.restore(ck)
+            self.checkpointer.resumed(self.snapshot(), ck)
             log.info("resuming %s after round %d", self.run_dir, ck["round"])
         baseline_path = self.run_dir / "baseline.json"
         if self.cfg.eval.baseline and not baseline_path.is_file():  # the base model (ΔW = 0) before round 1
@@ -297,7 +300,9 @@ class Simulation:
                 self.history.append(row)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-                save_checkpoint(self.run_dir, self.snapshot())
+                self.checkpointer.save(self.snapshot())
+                self.checkpoint_costs.append({"round": t, "bytes": self.checkpointer.last_bytes,
+                                              "seconds": self.checkpointer.last_seconds})
                 if on_round:
                     on_round(row)
         summary = self.summary(sum(r["wall_s"] for r in self.history))
