@@ -22,6 +22,7 @@ from fedlora.train import concat_batches, per_client_loss
 # every registered method (methods added later are covered), plus the variants the maths differs in
 VARIANTS = [(name, {}) for name in sorted(METHODS)] + [
     ("celora", {"method": {"celora": {"ab_train": "frozen"}}}),
+    ("celora", {"method": {"celora": {"ab_train": "warmup", "ab_warmup_rounds": 1}}}),
     ("fedsa", {"method": {"head": "shared"}}),
     ("fedit", {"privacy": {"dp": "local", "clip": 0.5, "noise_multiplier": 0.3}}),
     ("fedit", {"train": {"max_grad_norm": None, "weight_decay": 0.1}}),
