@@ -1,7 +1,10 @@
-"""Peak RSS vs number of clients at equal compute (the same clients per round, steps and rounds).
+"""Peak RSS and checkpoint cost vs number of clients at equal compute (same clients per round, steps, rounds).
 
 Each size runs in its own process; the worker reports its peak RSS (ru_maxrss) after a full run,
-checkpoints and final states included. Clients hold only adapter state: the base model exists once.
+checkpoints and final states included (and the peak GPU memory when the model is on a GPU). Clients
+hold only adapter state: the base model exists once. Checkpoints are incremental: the columns give
+the bytes and seconds of a round's checkpoint after the first (what changed: 10 clients' states), and
+what one full snapshot of every client would cost at the end.
 
     .venv/bin/python benchmarks/memory_scaling.py            # MiniLM, rt-sentiment: 1, 10, 100, 1000 clients
     .venv/bin/python benchmarks/memory_scaling.py --quick    # tiny random BERT: 1, 10, 50 clients
@@ -10,6 +13,7 @@ checkpoints and final states included. Clients hold only adapter state: the base
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import resource
 import subprocess
@@ -20,6 +24,8 @@ from pathlib import Path
 
 
 def worker(n: int, method: str, quick: bool, out: str) -> None:
+    import torch
+
     from fedlora.config import build_config
     from fedlora.runtime.simulation import Simulation
 
@@ -30,15 +36,24 @@ def worker(n: int, method: str, quick: bool, out: str) -> None:
         "partition": {"num_clients": n, "scheme": "iid", "client_test_fraction": 0.2,
                       "global_test_fraction": 0.1},
         "adapter": {"r": 8, "alpha": 16}, "method": {"name": method},
-        "federation": {"rounds": 2, "clients_per_round": min(n, 10)},
+        "federation": {"rounds": 3, "clients_per_round": min(n, 10)},
         "train": {"local_steps": 2, "batch_size": 8},
-        "eval": {"every": 2, "max_global_examples": 100, "max_client_examples": 5, "global_clients": 5},
+        "eval": {"every": 3, "max_global_examples": 100, "max_client_examples": 5, "global_clients": 5},
         "output": {"dir": out}})
     start = time.perf_counter()
-    Simulation(cfg).run()
+    sim = Simulation(cfg)
+    sim.run()
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"clients": n, "method": method, "peak_rss_mb": peak_mb, "wall_s": wall}))
+    later = sim.checkpoint_costs[1:] or sim.checkpoint_costs
+    buf = io.BytesIO()
+    torch.save(sim.snapshot(), buf)
+    row = {"clients": n, "method": method, "peak_rss_mb": peak_mb, "wall_s": wall,
+           "ckpt_bytes_per_round": sum(c["bytes"] for c in later) / len(later),
+           "ckpt_s_per_round": sum(c["seconds"] for c in later) / len(later), "full_snapshot_bytes": buf.tell()}
+    if torch.cuda.is_available():
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -71,10 +86,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "memory_scaling_quick.json" if args.quick else "memory_scaling.json"
     (out / name).write_text(json.dumps(results, indent=2))
-    print(f"| method | clients | peak RSS MB | x RSS of {sizes[0]} client(s) | wall s |\n|---|---|---|---|---|")
+    gpu = "peak_gpu_mb" in results[0]
+    print(f"| method | clients | peak RSS MB | x RSS of {sizes[0]} client(s) | wall s | checkpoint KB/round "
+          f"| checkpoint s/round | full snapshot KB |{' peak GPU MB |' if gpu else ''}\n"
+          f"|---|---|---|---|---|---|---|---|{'---|' if gpu else ''}")
     for r in results:
         print(f"| {r['method']} | {r['clients']} | {r['peak_rss_mb']:.0f} | {r['rss_vs_smallest']:.2f} "
-              f"| {r['wall_s']:.1f} |")
+              f"| {r['wall_s']:.1f} | {r['ckpt_bytes_per_round'] / 1024:.1f} | {r['ckpt_s_per_round']:.3f} "
+              f"| {r['full_snapshot_bytes'] / 1024:.1f} |" + (f" {r['peak_gpu_mb']:.0f} |" if gpu else ""))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script,args,out", [
     ("overhead.py", ["--methods", "fedit,rolora", "--repeats", "1"], "overhead_quick.json"),
     ("memory_scaling.py", ["--methods", "fedsa", "--sizes", "1,20"], "memory_scaling_quick.json"),
+    ("clients_per_pass.py", ["--ks", "1,4", "--clients", "4", "--repeats", "1"], "clients_per_pass_quick.json"),
     ("linear_regression.py", [], "linear_regression_quick.json"),
     ("celora_aggregation.py", ["--repeats", "1"], "celora_aggregation_quick.json"),
     ("noniid_personalization.py", ["--methods", "fedit,celora,local", "--alphas", "0.5"],

@@ -85,11 +85,12 @@ def test_truncated_checkpoint_is_never_resumed_from(tmp_path):
     run_dir = sim.run_dir
     assert load_checkpoint(run_dir)["round"] == 3
     # a crash mid-write leaves a partial temp file: ignored
-    (run_dir / "checkpoint.pt.tmp").write_bytes(b"\x80\x02garbage")
+    (run_dir / "checkpoint" / "delta_000001_000003.pt.tmp").write_bytes(b"\x80\x02garbage")
     assert load_checkpoint(run_dir)["round"] == 3
     # a checkpoint truncated on disk: the previous one is used
-    data = (run_dir / "checkpoint.pt").read_bytes()
-    (run_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    newest = max((run_dir / "checkpoint").glob("*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
     assert load_checkpoint(run_dir)["round"] == 2
 
 

@@ -149,6 +149,16 @@ class TrainConfig(_Section):
     lr_head: float = Field(1e-2, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    # clients trained together in one batched pass over the frozen base (adapters stacked, torch.bmm);
+    # "auto": 1 on a CPU (its matmuls are already compute-bound), on a GPU as many as fit in memory
+    clients_per_pass: int | Literal["auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_clients_per_pass(self) -> TrainConfig:
+        k = self.clients_per_pass
+        if k != "auto" and (isinstance(k, bool) or k < 1):
+            raise ValueError(f"train.clients_per_pass must be 'auto' or a positive integer, got {k!r}")
+        return self
 
 
 class EvalConfig(_Section):

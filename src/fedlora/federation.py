@@ -26,7 +26,7 @@ from .methods import Method, is_adapter_key
 from .ranks import rank_shape, truncate
 from .seeding import rng, torch_seed
 from .server_opt import server_step
-from .train import local_train
+from .train import local_train, local_train_stacked
 
 log = logging.getLogger("fedlora")
 BYTE_KEYS = ("raw", "raw_adapter", "raw_head", "serialized")
@@ -83,9 +83,11 @@ class Server:
         self.participants: list[int] = []  # the clients sampled for the current round
 
     def initial_client_state(self, init_state: dict[str, torch.Tensor], cid: int | None = None) -> ClientState:
-        # the seeded initial adapter, identical on every client; shared keys reference the server's.
-        # With heterogeneous ranks, client `cid` starts from the leading r_cid components of it.
-        personal = {k: v.clone() for k, v in init_state.items() if k not in self.global_state}
+        """The seeded initial adapter, identical on every client: shared keys reference the server's, personal
+        keys reference `init_state` itself (copy-on-write: a client's personal tensor is replaced, never
+        written in place, when it trains), so N clients that never trained cost no memory. With
+        heterogeneous ranks, client `cid` starts from the leading r_cid components of it."""
+        personal = {k: v for k, v in init_state.items() if k not in self.global_state}
         if cid is None:
             return ClientState(shared=dict(self.global_state), personal=personal)
         r = self.method.client_rank(self, cid)
@@ -230,19 +232,22 @@ def apply_download(state: ClientState, dl: Download) -> ClientState:
     return ClientState(shared, personal)
 
 
-def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Download, data: Examples,
-               stream: BatchStream, train: TrainConfig) -> tuple[Upload, ClientState]:
-    """Apply the download, train locally, build the upload; returns the client's new state."""
+def _fit_start(state: ClientState, dl: Download) -> ClientState:
+    return apply_download(state, dl)
+
+
+def _leaving(method: Method, state: ClientState, t: int) -> set[str]:
+    """The keys whose trained values leave the model: uploaded ones and personal ones that trained.
+
+    Anything else (a frozen shared factor, a personal key that did not train) is unchanged by training,
+    so the client keeps referencing the tensor it already has: nothing is cloned for it."""
+    uploaded, trainable = method.uploaded(t), method.trainable(t)
+    return {k for k in state.full() if factor_of(k) in uploaded or (k in state.personal and factor_of(k) in trainable)}
+
+
+def _fit_finish(method: Method, state: ClientState, dl: Download, trained: dict[str, torch.Tensor],
+                stats: dict[str, float], n_examples: int) -> tuple[Upload, ClientState]:
     t = dl.round
-    state = apply_download(state, dl)
-    am.set_state(state.full())
-    # training noise (the base model's dropout) from a generator seeded by (seed, client, round), not by
-    # whatever ran before in this process: the same result in process or on a Flower SuperNode
-    with torch.random.fork_rng(devices=[am.device] if am.device.type == "cuda" else []):
-        torch.manual_seed(torch_seed("train_noise", method.cfg.seed, dl.client, t))
-        stats = local_train(am, data, stream, method.trainable(t), train, method.local_steps(),
-                            hook=method.local_hook(state, t))
-    trained = am.get_state()
     uploaded = method.uploaded(t)
     tensors = {k: v for k, v in trained.items() if factor_of(k) in uploaded}
     if method.cfg.privacy.dp != "none":  # clip the delta from the start state (+ local DP noise)
@@ -251,7 +256,52 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
         start = state.full()
         tensors = privatize_upload(tensors, start, method.cfg.privacy, method.cfg.seed, dl.client, t)
     sent, kept = method.after_local(state, trained, t, stats)  # a method's own tensors (SCAFFOLD's Δc_i, c_i)
-    upload = Upload(dl.client, t, {**tensors, **sent}, n_examples=len(data), metrics=stats)
-    personal = {k: (trained[k] if is_adapter_key(k) else v) for k, v in state.personal.items()}
+    upload = Upload(dl.client, t, {**tensors, **sent}, n_examples=n_examples, metrics=stats)
+    personal = {k: (trained.get(k, v) if is_adapter_key(k) else v) for k, v in state.personal.items()}
     new_state = ClientState(state.shared, {**personal, **kept})
     return upload, new_state
+
+
+def _train_noise_seed(seed: int, t: int, cids: list[int]) -> int:
+    return torch_seed("train_noise", seed, cids[0], t) if len(cids) == 1 else torch_seed("pass_noise", seed, t, *cids)
+
+
+def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Download, data: Examples,
+               stream: BatchStream, train: TrainConfig) -> tuple[Upload, ClientState]:
+    """Apply the download, train locally, build the upload; returns the client's new state."""
+    t = dl.round
+    state = _fit_start(state, dl)
+    am.set_state(state.full())
+    # training noise (the base model's dropout) from a generator seeded by (seed, client, round), not by
+    # whatever ran before in this process: the same result in process or on a Flower SuperNode
+    with torch.random.fork_rng(devices=[am.device] if am.device.type == "cuda" else []):
+        torch.manual_seed(_train_noise_seed(method.cfg.seed, t, [dl.client]))
+        stats = local_train(am, data, stream, method.trainable(t), train, method.local_steps(),
+                            hook=method.local_hook(state, t))
+    trained = am.get_state(keys=_leaving(method, state, t))
+    return _fit_finish(method, state, dl, trained, stats, len(data))
+
+
+def clients_fit(am: AdaptedModel, method: Method, states: list[ClientState], dls: list[Download],
+                datas: list[Examples], streams: list[BatchStream],
+                train: TrainConfig) -> list[tuple[Upload, ClientState]]:
+    """`client_fit` for K clients in one batched pass over the frozen base (see adapters/stacked.py).
+
+    Same mathematics as K calls of client_fit; only the base model's and the adapters' dropout masks
+    differ, drawn from one generator seeded by (seed, round, the pass's clients)."""
+    if len(states) == 1:
+        return [client_fit(am, method, states[0], dls[0], datas[0], streams[0], train)]
+    t = dls[0].round
+    starts = [_fit_start(s, dl) for s, dl in zip(states, dls, strict=True)]
+    leaving = [_leaving(method, s, t) for s in starts]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_train_noise_seed(method.cfg.seed, t, [dl.client for dl in dls]))
+        trained, stats = local_train_stacked(am, [s.full() for s in starts], datas, streams, method.trainable(t),
+                                             train, method.local_steps(), set().union(*leaving))
+    out = []
+    for s, dl, tr, st, keep, d in zip(starts, dls, trained, stats, leaving, datas, strict=True):
+        # back where the client keeps its state (off the accelerator when the base model is on one)
+        full = s.full()
+        tr = {k: v.to(full[k].device) for k, v in tr.items() if k in keep}
+        out.append(_fit_finish(method, s, dl, tr, st, len(d)))
+    return out

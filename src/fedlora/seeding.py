@@ -31,6 +31,7 @@ PURPOSES = frozenset({
     "sampling",          # which clients take part in a round
     "dropout",           # which sampled clients fail to return
     "train_noise",       # the base model's dropout during local training
+    "pass_noise",        # the same, for a batched pass of several clients (one stream per pass)
     "dp_noise",          # local / central DP noise on uploads
     "descriptor_noise",  # CE-LoRA's private data-descriptor release
     "client_ranks",      # heterogeneous ranks: which client gets which rank

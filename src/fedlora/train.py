@@ -6,8 +6,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .adapters import AdaptedModel, factor_of
+from .adapters.stacked import set_trainable_stacked, stacked
 from .compute import autocast, grad_scaler
 from .metrics import classification_metrics
 
@@ -81,6 +83,93 @@ def local_train(am: AdaptedModel, data: Examples, stream: BatchStream, factors: 
     am.model.eval()
     am.set_trainable(())
     return {"train_loss": total.item() / steps, "steps": steps}
+
+
+def concat_batches(batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """K clients' batches as one: padded to the widest and the largest row count, rows of client k contiguous.
+
+    Padding columns have attention mask 0 (and label -100); padding rows repeat the client's first row
+    and get weight 0 in its loss. Returns the batch and the (K·b,) row weights (1 real, 0 padding)."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    rows = max(b["input_ids"].shape[0] for b in batches)
+    causal = batches[0]["labels"].dim() == 2
+    out: dict[str, list[torch.Tensor]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    weights = []
+    for b in batches:
+        n, pad = b["input_ids"].shape[0], width - b["input_ids"].shape[1]
+        filler = torch.zeros(rows - n, dtype=torch.long)  # padding rows: copies of row 0
+        for key, value in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+            x = b[key]
+            if x.dim() == 2:
+                x = F.pad(x, (0, pad), value=value)
+            out[key].append(torch.cat([x, x[filler]]))
+        weights.append(torch.cat([torch.ones(n), torch.zeros(rows - n)]))
+    batch = {k: torch.cat(v) for k, v in out.items()}
+    if causal:  # padding rows carry no target
+        batch["labels"][torch.cat(weights) == 0] = -100
+    return batch, torch.cat(weights)
+
+
+def per_client_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+    """(K,) each client's mean loss over its own batch: cross-entropy per example (classification) or per
+    answer token (causal LM, labels shifted by one, -100 ignored) — what the model's own `.loss` computes."""
+    if labels.dim() == 2:
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                              reduction="none").reshape(k, -1)  # (K, b·(L−1))
+        return nll.sum(1) / (labels.reshape(k, -1) != -100).sum(1).clamp(min=1)
+    nll = F.cross_entropy(logits.float(), labels, reduction="none") * weights.to(logits.device)  # (K·b,)
+    return nll.reshape(k, -1).sum(1) / weights.reshape(k, -1).sum(1).to(logits.device)
+
+
+@torch.no_grad()
+def clip_per_client(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """clip_grad_norm_ on each client's slice: the norm of its own gradients over all its parameters."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    sq = torch.stack([g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in grads]).sum(0)  # (K,)
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1))))
+
+
+def local_train_stacked(am: AdaptedModel, states: list[dict[str, torch.Tensor]], datas: list[Examples],
+                        streams: list[BatchStream], factors: set[str], cfg: TrainConfig, steps: int,
+                        keep: set[str]) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+    """`local_train` for K clients at once, over one forward/backward of the base per step.
+
+    Each client has its own loss (mean over its own batch), AdamW state (one AdamW over the stacked
+    parameters is K independent ones: its update is elementwise), learning rate per factor and gradient
+    clipping (its own slice's norm). Returns each client's trained tensors for the keys in `keep`."""
+    k = len(states)
+    with stacked(am, states) as stack:
+        set_trainable_stacked(stack, factors)
+        groups = [{"params": ps, "lr": _lr(f, cfg)} for f in sorted(factors)
+                  if (ps := [p for key, p in stack.items() if key in am.keys({f})])]
+        if not groups:
+            return [{} for _ in states], [{"train_loss": float("nan"), "steps": 0} for _ in states]
+        params = [p for g in groups for p in g["params"]]
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        device = params[0].device
+        am.model.train()
+        totals = torch.zeros(k, dtype=torch.float64)
+        try:
+            for _ in range(steps):
+                batch, weights = concat_batches([d.batch(s.next_rows()) for d, s in zip(datas, streams, strict=True)])
+                batch = {key: v.to(device) for key, v in batch.items()}
+                logits = am.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                losses = per_client_loss(logits, batch["labels"], weights, k)  # (K,)
+                losses.sum().backward()  # client k's slice gets the gradient of loss_k alone
+                if cfg.max_grad_norm:
+                    clip_per_client(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                totals += losses.detach().double().cpu()
+        finally:
+            am.model.eval()
+        out = [{key: p[i].detach().clone() for key, p in stack.items() if key in keep} for i in range(k)]  # model order
+    return out, [{"train_loss": float(totals[i]) / steps, "steps": steps} for i in range(k)]
 
 
 @torch.inference_mode()

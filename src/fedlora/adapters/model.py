@@ -115,11 +115,13 @@ class AdaptedModel:
     def device(self) -> torch.device:
         return next(iter(self._params.values())).device
 
-    def get_state(self, factors: Iterable[str] = FACTORS) -> dict[str, torch.Tensor]:
-        """A detached CPU copy of the adapter state for the given factors, A and B at each layer's rank as last set
-        (client states live in host memory, so that the accelerator holds one model whatever the number of clients)."""
+    def get_state(self, factors: Iterable[str] = FACTORS, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """A detached CPU copy of the adapter state for the given factors (or exactly these `keys`), A and B at
+        each layer's rank as last set (client states live in host memory, so that the accelerator holds one
+        model whatever the number of clients)."""
+        keys = self.keys(factors) if keys is None else [k for k in self._params if k in set(keys)]
         out = {}
-        for k in self.keys(factors):
+        for k in keys:
             p, f = self._params[k].detach(), factor_of(k)
             r = self.rank[k.rsplit(".", 1)[0]] if f in ("A", "B") else None
             out[k] = (p[:r] if f == "A" else p[:, :r] if f == "B" else p).to("cpu", copy=True).contiguous()

@@ -56,6 +56,9 @@ class Method:
     pooled: ClassVar[bool] = False  # centralized: one trainer holds every client's training data
     mixed_ranks: ClassVar[bool] = False  # clients may have different adapter ranks (adapter.client_ranks)
     full_update: ClassVar[bool] = False  # layers carry W (k×d), a server-held update folded into W0
+    # clients can train together in one batched pass (train.clients_per_pass); False for a method whose
+    # local training is not plain `local_train` (e.g. a per-client loss term or gradient correction)
+    batchable: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

@@ -41,6 +41,7 @@ class ProximalTerm(LocalHook):
 @register
 class FedProx(FedIT):
     name = "fedprox"
+    batchable = False  # its local training has a hook (a loss term / a correction), not plain local_train
 
     def local_hook(self, state: ClientState, t: int) -> LocalHook | None:
         # state.shared holds the server's values as downloaded: the anchor θ^t (never trained in place)

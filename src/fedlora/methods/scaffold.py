@@ -48,6 +48,7 @@ class DriftCorrection(LocalHook):
 @register
 class Scaffold(FedIT):
     name = "scaffold"
+    batchable = False  # its local training has a hook (a loss term / a correction), not plain local_train
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapters import detect_head, inject_adapters
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..adapters.stacked import head_is_stackable
+from ..checkpoint import Checkpointer, load_checkpoint
 from ..compute import DTYPES, check_precision, resolve_device, rng_state, set_rng_state
 from ..config import ConfigError, RunConfig, dump_config
 from ..data import (
@@ -34,7 +35,7 @@ from ..data import (
     tokenize,
     tokenize_causal,
 )
-from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
+from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit, clients_fit
 from ..methods import get_method
 from ..metrics import resolve_metrics
 from ..models import cast_base, default_targets, load_causal_lm, load_classifier, load_tokenizer
@@ -65,6 +66,21 @@ def evaluation_row(g: dict, per_client: list[dict], metrics: tuple[str, ...] = M
     else:
         row["client_perplexity"] = [round(float(m["perplexity"]), 3) for m in per_client]
     return row
+
+
+def auto_clients_per_pass(model: torch.nn.Module, cfg: RunConfig) -> int:
+    """`clients_per_pass: auto`: 1 on a CPU; on a GPU, as many clients as the free memory holds, from a
+    rough estimate of one client's activations kept for backward (batch · tokens · hidden · layers ·
+    ~48 bytes in fp32), at most the round's clients."""
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return 1
+    c = model.config
+    hidden, layers = getattr(c, "hidden_size", 768), getattr(c, "num_hidden_layers", 12)
+    per_client = cfg.train.batch_size * cfg.model.max_length * hidden * layers * 48 * p.element_size() / 4
+    free, _ = torch.cuda.mem_get_info(p.device)
+    n = cfg.federation.clients_per_round or cfg.partition.num_clients
+    return int(max(1, min(n, 0.7 * free // per_client)))
 
 
 class Simulation:
@@ -154,6 +170,8 @@ class Simulation:
                         for cid, d in enumerate(self.train_sets)]
         self.dropout_rng = rng("dropout", cfg.seed)
         self.history: list[dict] = []
+        self._warned_sequential = False
+        self.checkpoint_costs: list[dict] = []  # bytes and seconds of each round's checkpoint in this process
 
     # ---- one round ----
     def run_round(self, t: int) -> dict:
@@ -162,14 +180,26 @@ class Simulation:
         for cid in cids:
             self.send_descriptor(cid, t)
         downloads = {cid: self.server.download(cid, t) for cid in cids}
-        uploads: dict[int, Upload | None] = {}
-        for cid, dl in downloads.items():  # the in-process "transport": clients run one after another
+        fitted: dict[int, Upload | None] = {}
+        live = []
+        for cid, dl in downloads.items():
             if self.cfg.federation.dropout_rate and self.dropout_rng.random() < self.cfg.federation.dropout_rate:
                 self.clients[cid] = apply_download(self.clients[cid], dl)  # received, then vanished
-                uploads[cid] = None
+                fitted[cid] = None
+            else:
+                live.append(cid)
+        for group in self.passes(live):  # the in-process "transport": K clients per pass, passes one after another
+            if len(group) == 1:
+                cid = group[0]
+                fitted[cid], self.clients[cid] = client_fit(self.am, self.method, self.clients[cid], downloads[cid],
+                                                            self.train_sets[cid], self.streams[cid], self.cfg.train)
                 continue
-            uploads[cid], self.clients[cid] = client_fit(self.am, self.method, self.clients[cid], dl,
-                                                         self.train_sets[cid], self.streams[cid], self.cfg.train)
+            results = clients_fit(self.am, self.method, [self.clients[c] for c in group],
+                                  [downloads[c] for c in group], [self.train_sets[c] for c in group],
+                                  [self.streams[c] for c in group], self.cfg.train)
+            for cid, (up, state) in zip(group, results, strict=True):
+                fitted[cid], self.clients[cid] = up, state
+        uploads = {cid: fitted[cid] for cid in downloads}  # in sampling order: aggregation sums in this order
         row = self.server.finish_round(t, downloads, uploads)
         if t % self.cfg.eval.every == 0 or t == self.cfg.federation.rounds:
             row |= self.evaluate(generate=t == self.cfg.federation.rounds)
@@ -185,6 +215,30 @@ class Simulation:
         if self.method.needs_descriptor(self.server, cid):
             desc = self.method.client_descriptor(self.am, self.client_train[cid], self.client_classes(cid), cid)
             self.method.receive_descriptor(self.server, cid, desc, t)
+
+    def clients_per_pass(self) -> int:
+        """K of `train.clients_per_pass`, resolved; 1 where a pass of several clients cannot be batched."""
+        k = self.cfg.train.clients_per_pass
+        if k == "auto":
+            k = auto_clients_per_pass(self.am.model, self.cfg)
+        if k > 1 and (self.method.pooled or not self.method.batchable or self.method.mixed_ranks
+                      or self.method.full_update or self.method.dual or not head_is_stackable(self.am)):
+            if not self._warned_sequential:
+                log.info("train.clients_per_pass=%d: method %s trains its clients one after another",
+                         k, self.method.name)
+                self._warned_sequential = True
+            return 1
+        return k
+
+    def passes(self, cids: list[int]) -> list[list[int]]:
+        """The round's live clients in passes of at most K, clients with equal state shapes together."""
+        k = self.clients_per_pass()
+        if k == 1:
+            return [[c] for c in cids]
+        by_shape: dict[tuple, list[int]] = {}
+        for c in cids:
+            by_shape.setdefault(tuple((n, tuple(v.shape)) for n, v in self.clients[c].full().items()), []).append(c)
+        return [g[i:i + k] for g in by_shape.values() for i in range(0, len(g), k)]
 
     # ---- evaluation ----
     def eval_state(self, cid: int) -> dict[str, torch.Tensor]:
@@ -269,7 +323,7 @@ class Simulation:
             row["eval_clients"] = own_cids
         return row
 
-    # ---- checkpoints: everything a bit-identical resume needs ----
+    # ---- checkpoints: everything a bit-identical resume needs (written incrementally, see checkpoint.py) ----
     def snapshot(self) -> dict:
         server = self.server
         clients = {}
@@ -307,8 +361,10 @@ class Simulation:
         trackers = Trackers(self.cfg.output.loggers, self.run_dir, self.cfg.name, self.cfg.model_dump(mode="json")) \
             if self.cfg.output.loggers else None
         ck = load_checkpoint(self.run_dir) if resume else None
+        self.checkpointer = Checkpointer(self.run_dir)
         if ck is not None:
             self.restore(ck)
+            self.checkpointer.resumed(self.snapshot(), ck)
             log.info("resuming %s after round %d", self.run_dir, ck["round"])
         baseline_path = self.run_dir / "baseline.json"
         if self.cfg.eval.baseline and not baseline_path.is_file():  # the base model (ΔW = 0) before round 1
@@ -321,7 +377,9 @@ class Simulation:
                 self.history.append(row)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-                save_checkpoint(self.run_dir, self.snapshot())
+                self.checkpointer.save(self.snapshot())
+                self.checkpoint_costs.append({"round": t, "bytes": self.checkpointer.last_bytes,
+                                              "seconds": self.checkpointer.last_seconds})
                 if trackers:
                     trackers.log_round(t, row, self.weights_image(t))
                 if on_round:
