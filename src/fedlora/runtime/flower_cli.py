@@ -10,7 +10,7 @@ The commands wrap Flower's own (`flower-superlink`, `flower-supernode`, `flwr ru
 fedlora needs: runtime dependency installation off (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 and
 `--disable-runtime-dependency-installation`, so Flower never replaces the installed fedlora), fast poll
 intervals, and by default a long-lived ClientApp worker inside the SuperNode process (`--isolation
-inprocess`, see `fedlora.runtime.flower.serve_client_tasks`) instead of a fresh `flwr-clientapp`
+inprocess`, see `fedlora.runtime.flower.patches.serve_client_tasks`) instead of a fresh `flwr-clientapp`
 process per message.
 """
 
@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import typer
@@ -185,20 +184,6 @@ def superlink(host: str = typer.Option("127.0.0.1", help="address to listen on (
 # ---------------------------------------------------------------- SuperNode
 
 
-class _CappedSleep:
-    """`time` for Flower's SuperNode loop with its sleeps capped: it waits 3 s after every empty poll of the
-    SuperLink and 0.5 s between checks for a reply, neither configurable in Flower 1.42."""
-
-    def __init__(self, cap: float):
-        self.cap = cap
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-
 def supernode_args(superlink: str, partition_id: int, num_partitions: int, state_dir: Path,
                    root_certificates: Path | None, insecure: bool, runtime_port: int,
                    threads: int | None = None) -> list[str]:
@@ -252,11 +237,11 @@ def run_inprocess_supernode(args: list[str], poll_interval: float) -> None:
     from . import flower  # torch, transformers, the apps: imported once, before the first message
 
     if hasattr(loop, "time"):
-        loop.time = _CappedSleep(poll_interval)
+        loop.time = flower.patches.CappedSleep(poll_interval)
     flower.fast_object_pulls()
     port = args[args.index("--port") + 1]
     stop = threading.Event()
-    threading.Thread(target=flower.serve_client_tasks, args=(f"127.0.0.1:{port}", stop), daemon=True,
+    threading.Thread(target=flower.patches.serve_client_tasks, args=(f"127.0.0.1:{port}", stop), daemon=True,
                      name="fedlora-clientapp").start()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
