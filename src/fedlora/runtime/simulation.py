@@ -22,6 +22,7 @@ from ..adapters import inject_adapters
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, dump_config
 from ..data import BatchStream, Examples, concat, load_task, split_task, tokenize, tokenize_causal
+from ..data.silo import Silo, config_silos, files_task, no_examples
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit
 from ..methods import get_method
 from ..models import default_targets, load_causal_lm, load_classifier, load_tokenizer
@@ -52,8 +53,18 @@ def evaluation_row(g: dict, per_client: list[dict]) -> dict:
     return row
 
 
+def weighted_metrics(per_client: list[dict]) -> dict:
+    """The example-weighted aggregate of the clients' metrics (the global metrics when no global test set exists)."""
+    n = np.array([m["n"] for m in per_client], dtype=float)
+    return {k: float((np.array([m[k] for m in per_client]) * n).sum() / n.sum()) for k in METRICS if k in per_client[0]}
+
+
 class Simulation:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, silos: dict[int, Silo] | None = None,
+                 label_names: list[str] | None = None):
+        """`silos` (`partition.scheme: files` only): the clients whose own files this process reads (a Flower node:
+        its own; a Flower server: none), default every client's `partition.files`; `label_names`: the run's label
+        space, default task.labels or the union of the files' labels."""
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.output.dir) / cfg.name
         if cfg.threads:
@@ -64,17 +75,29 @@ class Simulation:
 
         # data: tokenized once; clients hold index subsets
         t = cfg.task
-        self.task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
-                              max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed,
-                              keep_labels=t.keep_labels)
-        self.split = split_task(self.task, cfg.partition, cfg.seed)
+        self.files = cfg.partition.scheme == "files"
+        if self.files:  # node-local data: each client's own file, nothing else
+            local = config_silos(cfg) if silos is None else silos
+            self.task, self.split = files_task(cfg, local, label_names, server_test=not silos)
+            self.local_clients = sorted(local)
+        else:
+            self.task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
+                                  max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed,
+                                  keep_labels=t.keep_labels)
+            self.split = split_task(self.task, cfg.partition, cfg.seed)
+            self.local_clients = list(range(cfg.partition.num_clients))
         self.tokenizer = load_tokenizer(cfg.model.name)
-        if self.task.causal:
+        if not self.task.texts:  # a server without a test set of its own
+            everything = no_examples(self.task.causal)
+        elif self.task.causal:
             everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
         else:
             everything = tokenize(self.tokenizer, self.task.texts, self.task.labels, cfg.model.max_length)
         self.client_train = [everything.subset(tr) for tr, _ in self.split.clients]
-        if cfg.eval.split == "validation":  # tuning: the test splits are never touched
+        if cfg.eval.split == "validation" and self.files:  # the clients' own validation; the server's test set stays
+            held = self.split.validation
+            self.global_test = everything.subset(self.split.global_test).head(cfg.eval.max_global_examples)
+        elif cfg.eval.split == "validation":  # tuning: the test splits are never touched
             held = self.split.validation
             pooled = np.concatenate(held)  # a seeded sample, not the first clients' validation sets
             pooled = np.sort(np.random.default_rng([cfg.seed, 103]).permutation(pooled)[:cfg.eval.max_global_examples])
@@ -169,11 +192,23 @@ class Simulation:
         k = self.cfg.eval.global_clients or self.num_clients
         return set(np.random.default_rng([self.cfg.seed, 103]).permutation(self.num_clients)[:k].tolist())
 
+    def has_global_test(self) -> bool:
+        """A global test set to measure on: node-local data has only the server's own, for a single global model
+        (personal models stay on their clients); otherwise global metrics are the clients' reports, weighted."""
+        return len(self.global_test) > 0 and (not self.files or self.single_model())
+
     def evaluate(self, generate: bool = False) -> dict:
         """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
         generate = generate and self.task.causal and self.cfg.eval.generate_examples > 0
         samples: dict[str, list] = {}
-        if self.single_model():
+        if not self.has_global_test():
+            per_client = []
+            for cid in range(self.num_clients):
+                self.am.set_state(self.eval_state(cid))
+                own = samples.setdefault(f"client_{cid}", [])
+                per_client.append(self.measure(self.client_test[cid], generate, own))
+            g = weighted_metrics(per_client)
+        elif self.single_model():
             self.am.set_state(self.eval_state(0))
             g = self.measure(self.global_test, generate, samples.setdefault("global", []))
             per_client = [self.measure(d, generate, samples.setdefault(f"client_{c}", []))

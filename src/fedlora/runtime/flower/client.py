@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ...config import build_config
+from ...config import RunConfig, build_config
+from ...data.silo import Silo, load_local
 from ...federation import ClientState, Download, apply_download, client_fit
 from ..simulation import Simulation
 from .wire import config_hash, from_record, to_record
@@ -25,29 +26,74 @@ from .wire import config_hash, from_record, to_record
 log = logging.getLogger("fedlora")
 DEFAULT_STATE_DIR = "~/.fedlora/clients"
 
-# ---------------------------------------------------------------- the client side
-
-
 _ENV: dict[str, Simulation] = {}
 _ENV_LOCK = threading.Lock()
 
 
-def environment(cfg_text: str, workdir: Path) -> Simulation:
-    """The run built as the simulation builds it, once per process and config (cached for later messages)."""
-    key = config_hash(cfg_text)
+def node_silo(context: Context) -> Silo | None:
+    """This SuperNode's own data (node config `data`, optional `test`), or None: a partition of a shared task."""
+    nc = context.node_config
+    if not str(nc.get("data", "")):
+        return None
+    return Silo(str(nc["data"]), str(nc["test"]) if str(nc.get("test", "")) else None)
+
+
+def node_config(cfg_text: str, context: Context) -> RunConfig:
+    """The run's config, with the column names and test fraction this node's own data needs (node config wins)."""
+    cfg = build_config(yaml.safe_load(cfg_text))
+    nc, silo = context.node_config, node_silo(context)
+    if silo is None:
+        if cfg.partition.scheme == "files":
+            raise ValueError("the run's partition.scheme is 'files': start this SuperNode with its own data "
+                             "(`fedlora flower supernode --data PATH`)")
+        return cfg
+    if cfg.partition.scheme != "files":
+        raise ValueError(f"this SuperNode holds its own data (--data) but the run's partition.scheme is "
+                         f"'{cfg.partition.scheme}': run it with partition.scheme 'files'")
+    task = {k: str(nc[n]) for k, n in (("text_column", "text-column"), ("label_column", "label-column")) if n in nc}
+    part = {"files": None, "test_files": None}  # this node reads its own file, whatever the config names
+    if "test-fraction" in nc:
+        part["client_test_fraction"] = float(nc["test-fraction"])
+    return cfg.model_copy(update={"task": cfg.task.model_copy(update=task),
+                                  "partition": cfg.partition.model_copy(update=part)})
+
+
+def environment(cfg_text: str, context: Context, cid: int, labels: list[str] | None) -> Simulation:
+    """The run built as the simulation builds it, once per process, config and label space (cached):
+    from this node's own file (`--data`), or every node's partition of the shared task (experiments)."""
+    silo = node_silo(context)
+    key = config_hash(json.dumps([cfg_text, cid, labels, silo and [silo.data, silo.test],
+                                  {k: str(v) for k, v in context.node_config.items()}]))
     with _ENV_LOCK:
         if key not in _ENV:
             _ENV.clear()
-            cfg = build_config(yaml.safe_load(cfg_text))
-            _ENV[key] = Simulation(cfg, workdir / f"env_{key}")
+            cfg = node_config(cfg_text, context)
+            workdir = _state_root(context) / f"env_{key}"
+            _ENV[key] = Simulation(cfg, workdir) if silo is None else \
+                Simulation(cfg, workdir, silos={cid: silo}, label_names=labels)
         return _ENV[key]
+
+
+def local_labels(cfg_text: str, context: Context) -> list[str] | None:
+    """The labels this node's own data holds (None: no own data); checked against task.labels if the run sets it."""
+    silo = node_silo(context)
+    if silo is None:
+        return None
+    cfg = node_config(cfg_text, context)
+    names = set()
+    for path in (silo.data, silo.test):
+        if path:
+            names |= set(load_local(path, cfg.task).label_names)
+    if cfg.task.labels and (unknown := sorted(names - set(cfg.task.labels))):
+        raise ValueError(f"{silo.data}: labels {unknown[:5]} are not in the run's task.labels {cfg.task.labels}")
+    return sorted(names)
 
 
 class ClientStore:
     """One client's persistent state: `state.safetensors` (tensors + the metadata in its header) and `state.json`."""
 
-    def __init__(self, root: Path, run_id: int, cid: int):
-        self.dir = root / f"run_{run_id}" / f"client_{cid}"
+    def __init__(self, root: Path, run_key: int | str, cid: int):
+        self.dir = root / f"run_{run_key}" / f"client_{cid}"
         self.path, self.json_path = self.dir / "state.safetensors", self.dir / "state.json"
 
     def load(self, cfg_key: str) -> tuple[ClientState, dict, dict[str, torch.Tensor] | None] | None:
@@ -112,11 +158,13 @@ class _ClientCall:
         if pid != self.cid:
             raise ValueError(f"message for client {self.cid} reached the SuperNode of partition {pid}")
         root = _state_root(context)
-        self.env = environment(self.cfg_text, root)
+        labels = json.loads(str(c["labels"])) if "labels" in c else None
+        self.env = environment(self.cfg_text, context, self.cid, labels)
         if n != self.env.num_clients:
             raise ValueError(f"num-partitions {n} != partition.num_clients {self.env.num_clients}")
         _threads(context)
-        self.store = ClientStore(root, msg.metadata.run_id, self.cid)
+        # the run's key outlives Flower's run id, so that a resumed run (a new Flower run) finds this state
+        self.store = ClientStore(root, str(context.run_config.get("run-key", "")) or msg.metadata.run_id, self.cid)
         saved = self.store.load(self.key)
         if saved is None:
             self.state = self.env.server.initial_client_state(self.env.init_state)
@@ -139,11 +187,12 @@ def _reply(msg: Message, status: dict, **records) -> Message:
     return Message(RecordDict({"status": ConfigRecord(status), **records}), reply_to=msg)
 
 
-def _upload_reply(msg: Message, cid: int, t: int, tensors: dict[str, torch.Tensor], n: int, metrics: dict,
-                  wire: str) -> Message:
-    rec, cast = to_record(tensors, wire)
-    return _reply(msg, {"status": "ok", "client": cid, "round": t, "n_examples": n}, upload=rec, upload_dtypes=cast,
-                  metrics=MetricRecord({k: float(v) for k, v in metrics.items()}))
+def _upload_reply(msg: Message, call: _ClientCall, tensors: dict[str, torch.Tensor], n: int, metrics: dict) -> Message:
+    rec, cast = to_record(tensors, call.wire)
+    records = {"upload": rec, "upload_dtypes": cast, "metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}
+    if bool(msg.content["config"].get("describe", False)):  # its first participation: what it releases about its data
+        records["description"], records["description_dtypes"] = to_record(call.env.descriptions[call.cid], call.wire)
+    return _reply(msg, {"status": "ok", "client": call.cid, "round": call.t, "n_examples": n}, **records)
 
 
 def client_train(msg: Message, context: Context) -> Message:
@@ -151,8 +200,7 @@ def client_train(msg: Message, context: Context) -> Message:
     env, cid, t, meta = call.env, call.cid, call.t, call.meta
     if meta["round"] == t and meta["synced"] == call.synced_to and call.last_upload is not None:
         log.info("client %d: round %d was trained already; sending the stored upload", cid, t)
-        return _upload_reply(msg, cid, t, call.last_upload, int(meta["n_examples"]), meta.get("metrics", {}),
-                             call.wire)
+        return _upload_reply(msg, call, call.last_upload, int(meta["n_examples"]), meta.get("metrics", {}))
     if not call.in_sync():
         return call.resync(msg)
     dl = Download(cid, t, call.download)
@@ -165,7 +213,7 @@ def client_train(msg: Message, context: Context) -> Message:
     metrics = {k: float(v) for k, v in upload.metrics.items()}
     call.store.save(state, {**meta, "synced": call.synced_to, "round": t, "stream": stream.state(),
                             "n_examples": upload.n_examples, "metrics": metrics}, upload.tensors)
-    return _upload_reply(msg, cid, t, upload.tensors, upload.n_examples, metrics, call.wire)
+    return _upload_reply(msg, call, upload.tensors, upload.n_examples, metrics)
 
 
 def client_evaluate(msg: Message, context: Context) -> Message:
@@ -177,7 +225,7 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     env.am.set_state(state)
     generate, own, on_global = bool(c["generate"]), [], []
     metrics = {f"personal_{k}": float(v) for k, v in env.measure(env.client_test[call.cid], generate, own).items()}
-    if bool(c["global_test"]):
+    if bool(c["global_test"]):  # partitioned experiments only: node-local data has no global test on a client
         metrics |= {f"global_{k}": float(v) for k, v in env.measure(env.global_test, generate, on_global).items()}
     records = {"metrics": MetricRecord(metrics)}
     if generate:  # a few generated answers, for the run directory's samples file
@@ -196,7 +244,11 @@ client_app = ClientApp()
 @client_app.query()
 def _hello(msg: Message, context: Context) -> Message:
     pid, n = _node(context)
-    return _reply(msg, {"status": "ok", "partition-id": pid, "num-partitions": n})
+    status = {"status": "ok", "partition-id": pid, "num-partitions": n}
+    labels = local_labels(str(context.run_config.get("config", "")), context)
+    if labels is not None:  # the server builds the label space from these when task.labels is unset
+        status["labels"] = json.dumps(labels)
+    return _reply(msg, status)
 
 
 def _timed(handler: Callable[[Message, Context], Message], msg: Message, context: Context) -> Message:

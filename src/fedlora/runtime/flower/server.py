@@ -17,9 +17,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
+from ...checkpoint import load_checkpoint, save_checkpoint
 from ...config import build_config, dump_config
 from ...federation import Upload
-from ..simulation import METRICS, Simulation, evaluation_row
+from ...methods import get_method
+from ..simulation import METRICS, Simulation, evaluation_row, weighted_metrics
 from .patches import TRACE, fast_object_pulls
 from .wire import EVALUATE, HELLO, RETRYABLE, TRAIN, array_bytes, config_hash, from_record, message_bytes, to_record
 
@@ -35,6 +37,8 @@ RUN_CONFIG_DEFAULTS = {
     "max-attempts": 3,  # sends of one message (node gone, crashed ClientApp)
     "collect-client-states": True,  # final per-client adapters into the run directory (as `fedlora run`)
     "wire": "packed",  # tensors on the wire: "packed" (one safetensors blob per payload) or "arrays" (one per tensor)
+    "run-key": "",  # names the clients' state folders; kept by `--resume` ("" -> Flower's run id)
+    "resume": False,  # continue after the last round checkpointed in run-dir
 }
 
 # ---------------------------------------------------------------- the server side
@@ -58,12 +62,18 @@ class FlowerServer:
         self.grid, self.rc, self.cfg_text = grid, rc, str(rc["config"])
         self.cfg_key = config_hash(self.cfg_text)
         self.cfg = build_config(yaml.safe_load(self.cfg_text))
-        run_dir = str(rc["run-dir"]) or str(Path(self.cfg.output.dir) / self.cfg.name)
-        self.sim = Simulation(self.cfg, Path(run_dir).expanduser())
-        if self.sim.method.pooled:
-            raise ValueError(f"method '{self.sim.method.name}' pools every client's data in one trainer: "
+        self.files = self.cfg.partition.scheme == "files"  # node-local data: this process reads no client's data
+        if self.files and (self.cfg.partition.files or self.cfg.partition.test_files):
+            raise ValueError("the run's config names client files (partition.files): on Flower each SuperNode "
+                             "brings its own (`fedlora flower run` drops them)")
+        self.num_clients = self.cfg.partition.num_clients
+        self.run_dir = Path(str(rc["run-dir"]) or str(Path(self.cfg.output.dir) / self.cfg.name)).expanduser()
+        self.sim: Simulation | None = None  # built once the nodes have said which labels they hold
+        self.labels: list[str] | None = None
+        self.node_labels: dict[int, list[str]] = {}
+        if get_method(self.cfg.method.name).pooled:
+            raise ValueError(f"method '{self.cfg.method.name}' pools every client's data in one trainer: "
                              f"it has no federated form; run it with `fedlora run`")
-        self.server, self.run_dir = self.sim.server, self.sim.run_dir
         self.poll = float(rc["poll-interval"])
         self.wire = str(rc["wire"])
         if self.wire not in ("packed", "arrays"):
@@ -103,16 +113,25 @@ class FlowerServer:
 
     def on_hello(self, node: int, reply: Message) -> None:
         if reply.has_error():
-            log.warning("SuperNode %d did not say which partition it is: %s", node, reply.error.reason)
+            reason = (reply.error.reason or "").strip().splitlines()
+            log.error("SuperNode %d refused to join: %s", node, reason[-1] if reason else reply.error.code)
             self.bad_nodes.add(node)
             return
         s = reply.content["status"]
         cid, n = int(s["partition-id"]), int(s["num-partitions"])
-        if n != self.sim.num_clients or not 0 <= cid < n:
+        if n != self.num_clients or not 0 <= cid < n:
             log.error("SuperNode %d is partition %d of %d, but this run has partition.num_clients = %d: ignored",
-                      node, cid, n, self.sim.num_clients)
+                      node, cid, n, self.num_clients)
             self.bad_nodes.add(node)
             return
+        if self.files != ("labels" in s):
+            log.error("SuperNode %d (client %d): %s: ignored", node, cid,
+                      "holds no data of its own (--data), but the run's partition.scheme is 'files'" if self.files
+                      else "holds its own data (--data), but the run's partition.scheme is not 'files'")
+            self.bad_nodes.add(node)
+            return
+        if self.files:
+            self.node_labels[cid] = json.loads(str(s["labels"]))
         if cid in self.nodes and self.nodes[cid] != node:
             log.warning("client %d: SuperNode %d replaces SuperNode %d", cid, node, self.nodes[cid])
         self.nodes[cid], self.node_cid[node] = node, cid
@@ -226,6 +245,8 @@ class FlowerServer:
             self.flower[f"{d}_array_bytes"] += array_bytes(msg)
 
     def base_config(self, cid: int, t: int, synced_from: int, synced_to: int, **extra) -> ConfigRecord:
+        if self.labels is not None:  # node-local data: the run's label space, for the node's classifier head
+            extra["labels"] = json.dumps(self.labels)
         return ConfigRecord({"config": self.cfg_key, "client": cid, "round": t, "synced_from": synced_from,
                              "synced_to": synced_to, "wire": self.wire, **extra})
 
@@ -252,8 +273,9 @@ class FlowerServer:
             def make() -> RecordDict:
                 s0, dl = plan[cid]
                 rec, cast = to_record(dl.tensors, self.wire)
-                return RecordDict({"config": self.base_config(cid, t, s0, server.last_round, drop=drop[cid]),
-                                   "download": rec, "download_dtypes": cast})
+                describe = self.sim.method.wants_description(server, cid)  # its first participation
+                c = self.base_config(cid, t, s0, server.last_round, drop=drop[cid], describe=describe)
+                return RecordDict({"config": c, "download": rec, "download_dtypes": cast})
             return make
 
         def resync(cid: int) -> Callable[[int], None]:
@@ -275,6 +297,8 @@ class FlowerServer:
                                       from_record(r.content["upload"], r.content["upload_dtypes"]),
                                       n_examples=int(s["n_examples"]),
                                       metrics={k: float(v) for k, v in r.content["metrics"].items()})
+                if "description" in r.content:  # CE-LoRA's data descriptor, as the client sent it
+                    uploads[cid].description = from_record(r.content["description"], r.content["description_dtypes"])
             else:
                 uploads[cid] = None
                 if not isinstance(r, Message):
@@ -315,10 +339,11 @@ class FlowerServer:
         server, sim, cfg = self.server, self.sim, self.cfg
         generate = final and sim.task.causal and cfg.eval.generate_examples > 0
         single = self.single_model()
+        on_server = single and sim.has_global_test()  # the server's own test set, for the one global model
         samples: dict[str, list] = {}
         g = None
         server_eval: dict = {}
-        own_samples = samples.setdefault("global", []) if single else None
+        own_samples = samples.setdefault("global", []) if on_server else None
 
         def global_test() -> None:  # the one global model on the server's held-out test set, while clients work
             t0 = time.perf_counter()
@@ -326,7 +351,7 @@ class FlowerServer:
             server_eval["g"] = sim.measure(sim.global_test, generate, own_samples)
             self.times["server_eval_s"] = time.perf_counter() - t0
 
-        if single:
+        if on_server:
             worker = threading.Thread(target=global_test, name="fedlora-global-test")
             worker.start()
         global_cids = sim.global_eval_clients()  # as in Simulation.evaluate
@@ -336,8 +361,9 @@ class FlowerServer:
             def make() -> RecordDict:
                 s0 = server.synced.get(cid, 0)
                 rec, cast = to_record(sim.method.download(server, cid, server.last_round + 1), self.wire)
-                c = self.base_config(cid, t, s0, s0, global_test=not single and cid in global_cids, final=final,
-                                     collect=collect, generate=generate)
+                on_client = not single and sim.has_global_test() and cid in global_cids
+                c = self.base_config(cid, t, s0, s0, global_test=on_client, final=final, collect=collect,
+                                     generate=generate)
                 return RecordDict({"config": c, "download": rec, "download_dtypes": cast})
             return make
 
@@ -346,18 +372,18 @@ class FlowerServer:
                 server.synced[cid] = have
             return redo
 
-        cids = [c for c in range(sim.num_clients) if c in self.nodes]
+        cids = [c for c in range(self.num_clients) if c in self.nodes]
         t0 = time.perf_counter()
         try:
             replies = self.exchange(EVALUATE, t, [_Send(c, build(c), resync(c)) for c in cids])
         finally:
-            if single:
+            if on_server:
                 worker.join()
         self.timing(replies, "eval", t0)
-        if single:
+        if on_server:
             g = server_eval["g"]
         per_client, gs, self.final_states = [], [], {}
-        for cid in range(sim.num_clients):
+        for cid in range(self.num_clients):
             r = replies.get(cid)
             if not isinstance(r, Message):
                 log.warning("round %d: client %d not evaluated: %s", t, cid, r or "no SuperNode")
@@ -374,9 +400,13 @@ class FlowerServer:
                     samples[f"global_by_{cid}"] = json.loads(str(r.content["samples"]["global"]))
             if "state" in r.content:
                 self.final_states[cid] = from_record(r.content["state"], r.content["state_dtypes"])
-        if not per_client or (g is None and not gs):
+        if not per_client:
             return {}
-        if g is None:
+        if not sim.has_global_test():  # no global test set: the clients' reports, example-weighted
+            g = weighted_metrics(per_client)
+        elif g is None and not gs:
+            return {}
+        elif g is None:
             g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in METRICS}
         if generate:
             with open(self.run_dir / f"samples_round_{server.last_round}.jsonl", "w") as f:
@@ -384,28 +414,72 @@ class FlowerServer:
                     for r in rows[:3]:
                         f.write(json.dumps({"model": who, **r}) + "\n")
         row = evaluation_row(g, per_client)
-        if len(per_client) < sim.num_clients:
+        if len(per_client) < self.num_clients:
             row["evaluated_clients"] = len(per_client)
         return row
 
     # ---- the run ----
+    def label_space(self, ck: dict | None) -> list[str] | None:
+        """Node-local data: the checkpoint's, task.labels, or the union of what every client reported (the classes,
+        or a causal LM's categories)."""
+        if not self.files:
+            return None
+        if ck is not None and ck.get("labels"):
+            return list(ck["labels"])
+        if self.cfg.task.labels:
+            return list(self.cfg.task.labels)
+        if missing := [c for c in range(self.num_clients) if c not in self.node_labels]:
+            raise ValueError(f"task.labels is not set and clients {missing} did not report their labels within "
+                             f"node-wait = {self.rc['node-wait']} s: set task.labels in the config")
+        return sorted({n for names in self.node_labels.values() for n in names})
+
+    def build(self, ck: dict | None) -> None:
+        """The run as the simulation builds it: model, adapters, method, server; no client's data (files mode)."""
+        self.labels = self.label_space(ck)
+        if self.files:
+            self.sim = Simulation(self.cfg, self.run_dir, silos={}, label_names=self.labels)
+        else:  # partitioned experiments: the shared task is loaded here too, as on every node
+            self.sim = Simulation(self.cfg, self.run_dir)
+        self.server = self.sim.server
+        if ck is not None:
+            self.server.load_state_dict(ck["server"])
+            self.sim.dropout_rng.bit_generator.state = ck["rng"]["dropout"]
+            self.sim.history, self.cum_flower = ck["history"], ck["flower"]
+            log.info("resuming %s after round %d", self.run_dir, ck["round"])
+
+    def checkpoint(self) -> None:
+        """The in-process checkpoint's server part (each client keeps its own state on its node)."""
+        sim = self.sim
+        save_checkpoint(self.run_dir, {"round": len(sim.history), "history": sim.history,
+                                       "server": self.server.state_dict(),
+                                       "rng": {"dropout": sim.dropout_rng.bit_generator.state},
+                                       "flower": self.cum_flower, "labels": self.labels or []})
+
     def run(self) -> dict:
-        sim, cfg = self.sim, self.cfg
+        cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        sim.write_adapter_meta()
+        ck = load_checkpoint(self.run_dir) if bool(self.rc["resume"]) else None
+        if bool(self.rc["resume"]) and ck is None:
+            raise ValueError(f"--resume: no checkpoint in {self.run_dir}")
         self.final_states: dict[int, dict[str, torch.Tensor]] = {}
-        self.wait_for_nodes(list(range(sim.num_clients)), float(self.rc["node-wait"]))
+        self.wait_for_nodes(list(range(self.num_clients)), float(self.rc["node-wait"]))
         if not self.nodes:
             raise RuntimeError(f"no SuperNode joined within node-wait = {self.rc['node-wait']} s")
-        print(f"fedlora: {len(self.nodes)}/{sim.num_clients} clients connected; run directory {self.run_dir}",
+        self.build(ck)
+        sim = self.sim
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        sim.write_adapter_meta()
+        print(f"fedlora: {len(self.nodes)}/{self.num_clients} clients connected; run directory {self.run_dir}",
               flush=True)
         with open(self.run_dir / "metrics.jsonl", "w") as f:
-            for t in range(1, cfg.federation.rounds + 1):
+            for row in sim.history:  # rows of rounds after the checkpoint (if any) are dropped
+                f.write(json.dumps(row) + "\n")
+            for t in range(len(sim.history) + 1, cfg.federation.rounds + 1):
                 row = self.run_round(t)
                 sim.history.append(row)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
+                self.checkpoint()
                 acc = "".join(f"  {w} {row[f'{w}_{m}']:.3f}" for m in ("accuracy", "perplexity")
                               for w in ("global", "personal") if f"{w}_{m}" in row)
                 print(f"fedlora: round {t}/{cfg.federation.rounds}{acc}  {row['wall_s']:.2f} s", flush=True)
