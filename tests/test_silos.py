@@ -23,7 +23,7 @@ def write_silos(root: Path, n: int = 3, rows: int = 60, labels_of=None) -> list[
     paths = []
     for c in range(n):
         keep = set(labels_of(c)) if labels_of else set(range(task.num_labels))
-        idx = [i for i in range(c, len(task.texts), n) if task.labels[i] in keep][:rows]
+        idx = [i for i in range(c, len(task.texts), n) if task.labels[i] in keep][:rows + 20 * c]  # unequal sizes
         path = root / f"silo_{c}.csv"
         pd.DataFrame({"sentence": [task.texts[i] for i in idx],
                       "y": [task.label_names[task.labels[i]] for i in idx]}).to_csv(path, index=False)
@@ -67,6 +67,7 @@ def test_files_run_without_global_test_weights_client_reports(tmp_path):
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     n = [len(sim.client_test[c]) for c in range(3)]
     acc = row["client_accuracy"]
+    assert len(set(n)) == 3  # unequal test sets: the weighted mean is not the plain one
     want = sum(a * k for a, k in zip(acc, n, strict=True)) / sum(n)
     assert row["global_accuracy"] == pytest.approx(want, abs=1e-4)  # the example-weighted client reports
 

@@ -1,6 +1,7 @@
 """`fedlora flower ...`: start a SuperLink, SuperNodes and runs of fedlora on Flower's Deployment Engine.
 
     fedlora flower certificates DIR --host HOST      a throw-away CA and server certificate (experiments)
+    fedlora flower silos CONFIG.yaml --out DIR       each client's partition as its own file (a rehearsal)
     fedlora flower keys DIR --nodes N                one key pair per SuperNode (node authentication)
     fedlora flower register DIR/node_*.pub           admit those nodes on a SuperLink started with --node-auth
     fedlora flower superlink --certificates DIR      flower-superlink, TLS, no runtime dependency install
@@ -49,7 +50,7 @@ FLOWER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 SUPERLINK_NAME = "fedlora"  # the connection name in the generated Flower config
-RUN_META = "flower_run.json"  # in the run directory: the run's key, for --resume
+RUN_META = "flower_run.json"  # written by the ServerApp in the run directory: the run's key, for --resume
 
 
 def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -152,6 +153,52 @@ def certificates(out: Path = typer.Argument(..., help="folder for ca.crt, server
     paths = make_certificates(out, host, days)
     typer.echo(f"wrote {paths['ca']} (give it to every SuperNode and to `fedlora flower run`), "
                f"{paths['cert']} and {paths['key']} (the SuperLink's)")
+
+
+# ---------------------------------------------------------------- silo files (rehearsals)
+
+
+def write_silo_files(cfg, out: Path) -> Path:
+    """Each client's partition of a shared task as its own CSV (`client_i.csv`: text, label), and `run.yaml`:
+    the config on those files (`partition.scheme: files`), for a rehearsal of a deployment on loopback."""
+    import pandas as pd
+    import yaml
+
+    from ..data import load_task, split_task
+
+    t = cfg.task
+    if t.name == "instructions" or (t.name not in ("csv", "jsonl", "file") and t.path):
+        _fail("fedlora flower silos: splits a classification task; instruction files are one silo each already")
+    task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
+                     max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed,
+                     keep_labels=t.keep_labels)
+    split = split_task(task, cfg.partition, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for cid, (train, test) in enumerate(split.clients):
+        rows = sorted([*train.tolist(), *test.tolist()])
+        path = (out / f"client_{cid}.csv").resolve()
+        pd.DataFrame({"text": [task.texts[i] for i in rows],
+                      "label": [task.label_names[task.labels[i]] for i in rows]}).to_csv(path, index=False)
+        files.append(str(path))
+    data = cfg.model_dump(mode="json")
+    data["task"] = {"name": "csv", "text_column": "text", "label_column": "label", "labels": task.label_names}
+    data["partition"] = {**data["partition"], "scheme": "files", "files": files}
+    k = data["federation"].get("clients_per_round")
+    if k is not None and k > len(files):
+        data["federation"]["clients_per_round"] = None
+    (out / "run.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return out / "run.yaml"
+
+
+@flower_app.command()
+def silos(config: Path = typer.Argument(..., help="YAML config with a shared task and a partition"),
+          out: Path = typer.Option(..., "--out", help="folder for client_i.csv and run.yaml"),
+          set_: list[str] = typer.Option([], "--set", help="override, e.g. --set partition.num_clients=3")) -> None:
+    """Write each client's partition as its own file, and the config that runs on them (a rehearsal)."""
+    path = write_silo_files(_load(config, set_), out)
+    typer.echo(f"wrote {path} and the clients' files in {out}: give client_i.csv to SuperNode i (--data); "
+               f"`fedlora run {path}` is the same run in one process")
 
 
 # ---------------------------------------------------------------- node keys
@@ -484,7 +531,7 @@ def app(config: Path = typer.Argument(..., help="YAML config"),
         set_: list[str] = typer.Option([], "--set", help="override, e.g. --set method.name=rolora"),
         run_dir: str | None = typer.Option(None, help="run directory on the SuperLink's machine")) -> None:
     """Write the Flower app of a config, for `flwr run DIR SUPERLINK` with your own Flower config."""
-    cfg = _load(config, set_)
+    cfg = for_flower(_load(config, set_))
     write_app(out, cfg, _run_config(cfg, run_dir, "remote:0", 120.0, 3600.0, True))
     typer.echo(f"wrote {out / 'pyproject.toml'}; run it with: flwr run {out} <superlink> --stream "
                "(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 on the SuperLink)")

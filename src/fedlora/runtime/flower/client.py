@@ -191,7 +191,7 @@ def _upload_reply(msg: Message, call: _ClientCall, tensors: dict[str, torch.Tens
     rec, cast = to_record(tensors, call.wire)
     records = {"upload": rec, "upload_dtypes": cast, "metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}
     if bool(msg.content["config"].get("describe", False)):  # its first participation: what it releases about its data
-        records["description"], records["description_dtypes"] = to_record(call.env.descriptions[call.cid], call.wire)
+        records["description"], records["description_dtypes"] = to_record(call.env.description(call.cid), call.wire)
     return _reply(msg, {"status": "ok", "client": call.cid, "round": call.t, "n_examples": n}, **records)
 
 

@@ -26,6 +26,7 @@ from .patches import TRACE, fast_object_pulls
 from .wire import EVALUATE, HELLO, RETRYABLE, TRAIN, array_bytes, config_hash, from_record, message_bytes, to_record
 
 log = logging.getLogger("fedlora")
+RUN_META = "flower_run.json"  # in the run directory: the run's key, for --resume
 
 # run config keys of the Flower app ([tool.flwr.app.config]) and their defaults
 RUN_CONFIG_DEFAULTS = {
@@ -468,6 +469,8 @@ class FlowerServer:
         self.build(ck)
         sim = self.sim
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if str(self.rc["run-key"]):  # what `fedlora flower run --resume RUN_DIR` needs to find the clients' state
+            (self.run_dir / RUN_META).write_text(json.dumps({"run-key": str(self.rc["run-key"])}))
         sim.write_adapter_meta()
         print(f"fedlora: {len(self.nodes)}/{self.num_clients} clients connected; run directory {self.run_dir}",
               flush=True)
