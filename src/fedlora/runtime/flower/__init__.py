@@ -1,12 +1,16 @@
 """Flower runtime: the same rounds on Flower's Deployment Engine (one SuperLink, one SuperNode per client).
 
 Nothing of a round is re-implemented here. Both sides build the run exactly as the in-process simulation
-does (`Simulation(cfg)`: data, model, adapters, `method.setup`), then
+does (`Simulation`: model, adapters, `method.setup`), each with only the data it holds: a SuperNode its
+own file (`--data`, `partition.scheme: files`), the ServerApp none but its optional own test set
+(`eval.server_test`). Then
 
-    ServerApp (SuperLink side)                      ClientApp (SuperNode side, partition i)
+    ServerApp (SuperLink side)                      ClientApp (SuperNode side, client i)
+    query: who are you, which labels?        --->   partition-id, the labels of its own file
     Server.sample(); Server.download(i, t)   --->   train message: Download as an ArrayRecord
                                                     client_fit(...) on the persisted ClientState
-    Upload  <---  reply (ArrayRecord + n_examples)  state saved to disk before the reply
+    Upload  <---  reply (ArrayRecord + n_examples,  state saved to disk before the reply
+                  + its description at its first participation: CE-LoRA's data descriptor)
     Server.finish_round(t, downloads, uploads)      (validation, aggregation, raw byte accounting)
     global test (single-model methods)      --->    evaluate message: Method.download(i, t + 1) applied
     metrics.jsonl / summary.json / states/  <---    per-client metrics on the client's own test split
@@ -14,18 +18,22 @@ does (`Simulation(cfg)`: data, model, adapters, `method.setup`), then
 Every download is built per client (`Server.download(cid, t)` -> `Method.download`), so a method that
 personalizes what it sends (CE-LoRA's C̄_i) works unchanged: each node gets its own message.
 
-Partitions: a SuperNode says which client it is with its node config (`partition-id`, `num-partitions`,
-optional `state-dir` and `threads`); the ServerApp learns the mapping from node ids with a `query`
-message, and again whenever a node (re)appears, so a restarted SuperNode (new node id) takes over its
-partition.
+Clients: a SuperNode says which client it is with its node config (`partition-id`, `num-partitions`,
+`data` / `test` / `test-fraction` / column names for its own file, optional `state-dir` and `threads`);
+the ServerApp learns the mapping from node ids with a `query` message, and again whenever a node
+(re)appears, so a restarted SuperNode (new node id) takes over its client. The label space is
+`task.labels` or the union of the labels the nodes report, sent to the nodes with every message.
+Without `data` a node loads the shared task and keeps its partition (experiments only).
 
 Client state: a client's `ClientState` (its copy of the server tensors, its personal factors), its batch
-stream position, its sync mark and its last upload live in `<state-dir>/run_<run id>/client_<i>/`
+stream position, its sync mark and its last upload live in `<state-dir>/run_<run key>/client_<i>/`
 (`state.safetensors`, whose header also holds `state.json`'s content), written atomically after every
 message that changes them. Flower's `Context.state` is in memory only; this survives a restart. A
 message is idempotent: a retried round returns the stored upload instead of training twice, and a
 client whose sync mark differs from the server's (it lost its disk, or missed a download) answers
-`resync` and gets the tensors it is missing.
+`resync` and gets the tensors it is missing. The run key (run config `run-key`) outlives Flower's run id:
+the ServerApp checkpoints every round (the in-process `checkpoint.pt`, server part), and a resumed run
+(`fedlora flower run --resume RUN_DIR`, a new Flower run) finds every client's state again.
 
 Bytes: `up_*` / `down_*` are counted by `Server.finish_round` exactly as in process (raw tensor bytes
 and safetensors size). What crosses Flower is added as `flower_*` columns: `*_array_bytes` (the
@@ -36,7 +44,7 @@ Flower's arrays are NumPy arrays, which have no bfloat16: such tensors are cast 
 
 Randomness: client training noise is seeded per (seed, client, round) in `client_fit`, sampling and the
 simulated `federation.dropout_rate` use the server's generators, so a Flower run reproduces the
-in-process run of the same config (see tests/test_flower.py).
+in-process run of the same config (see tests/test_flower.py, tests/test_flower_silos.py).
 """
 
 from __future__ import annotations
