@@ -112,7 +112,7 @@ def test_silo_run_equals_in_process_files_run(silos, tmp_path, method):
     assert not [f for f in silos.files if f in opened], "the SuperLink opened a client file"
     text = (flower_dir / "config.yaml").read_text()
     assert not [f for f in silos.files if Path(f).name in text]  # the run's config names no client file
-    if method == "celora":  # each client's descriptor crossed Flower once, in its first reply, and was counted
+    if method == "celora":  # each client's descriptor crossed Flower once, before its first download, and was counted
         first, second = rows(flower_dir)[:2]
         assert first["up_raw_other"] > 0 and second["up_raw_other"] == 0
         assert first["flower_up_array_bytes"] >= first["up_raw"]

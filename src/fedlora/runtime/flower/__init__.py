@@ -7,10 +7,11 @@ own file (`--data`, `partition.scheme: files`), the ServerApp none but its optio
 
     ServerApp (SuperLink side)                      ClientApp (SuperNode side, client i)
     query: who are you, which labels?        --->   partition-id, the labels of its own file
-    Server.sample(); Server.download(i, t)   --->   train message: Download as an ArrayRecord
+    Server.sample()
+    first contact (CE-LoRA): query describe  --->   its data descriptor, from its own training data
+    Server.download(i, t)                    --->   train message: Download as an ArrayRecord
                                                     client_fit(...) on the persisted ClientState
-    Upload  <---  reply (ArrayRecord + n_examples,  state saved to disk before the reply
-                  + its description at its first participation: CE-LoRA's data descriptor)
+    Upload  <---  reply (ArrayRecord + n_examples)  state saved to disk before the reply
     Server.finish_round(t, downloads, uploads)      (validation, aggregation, raw byte accounting)
     global test (single-model methods)      --->    evaluate message: Method.download(i, t + 1) applied
     metrics.jsonl / summary.json / states/  <---    per-client metrics on the client's own test split

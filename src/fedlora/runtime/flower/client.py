@@ -190,8 +190,6 @@ def _reply(msg: Message, status: dict, **records) -> Message:
 def _upload_reply(msg: Message, call: _ClientCall, tensors: dict[str, torch.Tensor], n: int, metrics: dict) -> Message:
     rec, cast = to_record(tensors, call.wire)
     records = {"upload": rec, "upload_dtypes": cast, "metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}
-    if bool(msg.content["config"].get("describe", False)):  # its first participation: what it releases about its data
-        records["description"], records["description_dtypes"] = to_record(call.env.description(call.cid), call.wire)
     return _reply(msg, {"status": "ok", "client": call.cid, "round": call.t, "n_examples": n}, **records)
 
 
@@ -242,7 +240,26 @@ client_app = ClientApp()
 
 
 @client_app.query()
+def client_describe(msg: Message, context: Context) -> Message:
+    """The client's data descriptor (CE-LoRA), computed on its own training data, sent before its first download."""
+    c = msg.content["describe"]
+    cfg_text = str(context.run_config.get("config", ""))
+    if config_hash(cfg_text) != str(c["config"]):
+        raise ValueError("the run config's fedlora config differs from the server's")
+    cid, (pid, _) = int(c["client"]), _node(context)
+    if pid != cid:
+        raise ValueError(f"message for client {cid} reached the SuperNode of partition {pid}")
+    env = environment(cfg_text, context, cid, json.loads(str(c["labels"])) if "labels" in c else None)
+    _threads(context)
+    desc = env.method.client_descriptor(env.am, env.client_train[cid], env.client_classes(cid), cid)
+    rec, cast = to_record(desc, str(c.get("wire", "arrays")))
+    return _reply(msg, {"status": "ok", "client": cid, "round": int(c["round"])}, descriptor=rec,
+                  descriptor_dtypes=cast)
+
+
 def _hello(msg: Message, context: Context) -> Message:
+    if "describe" in msg.content:
+        return _timed(client_describe, msg, context)
     pid, n = _node(context)
     status = {"status": "ok", "partition-id": pid, "num-partitions": n}
     labels = local_labels(str(context.run_config.get("config", "")), context)

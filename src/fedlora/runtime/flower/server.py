@@ -260,22 +260,23 @@ class FlowerServer:
         # simulated dropout: the simulation's generator, drawn in the same order
         drop = {cid: bool(cfg.federation.dropout_rate and self.sim.dropout_rng.random() < cfg.federation.dropout_rate)
                 for cid in sampled}
-        plan: dict[int, list] = {}  # cid -> [synced_from, Download]
+        reachable = []
         for cid in sampled:
             if cid not in self.nodes:
                 self.wait_for_nodes([cid], float(self.rc["node-wait"]))
             if cid not in self.nodes:
                 log.warning("round %d: client %d has no SuperNode; not asked this round", t, cid)
                 continue
-            self.sim.send_descriptor(cid, t)  # computed from the config's split here; not yet a Flower message
-            plan[cid] = [server.synced.get(cid, 0), server.download(cid, t)]
+            reachable.append(cid)
+        self.collect_descriptors(t, [c for c in reachable if self.sim.method.needs_descriptor(server, c)])
+        plan: dict[int, list] = {cid: [server.synced.get(cid, 0), server.download(cid, t)]
+                                 for cid in reachable}  # cid -> [synced_from, Download]
 
         def build(cid: int) -> Callable[[], RecordDict]:
             def make() -> RecordDict:
                 s0, dl = plan[cid]
                 rec, cast = to_record(dl.tensors, self.wire)
-                describe = self.sim.method.wants_description(server, cid)  # its first participation
-                c = self.base_config(cid, t, s0, server.last_round, drop=drop[cid], describe=describe)
+                c = self.base_config(cid, t, s0, server.last_round, drop=drop[cid])
                 return RecordDict({"config": c, "download": rec, "download_dtypes": cast})
             return make
 
@@ -298,8 +299,6 @@ class FlowerServer:
                                       from_record(r.content["upload"], r.content["upload_dtypes"]),
                                       n_examples=int(s["n_examples"]),
                                       metrics={k: float(v) for k, v in r.content["metrics"].items()})
-                if "description" in r.content:  # CE-LoRA's data descriptor, as the client sent it
-                    uploads[cid].description = from_record(r.content["description"], r.content["description_dtypes"])
             else:
                 uploads[cid] = None
                 if not isinstance(r, Message):
@@ -323,6 +322,27 @@ class FlowerServer:
         row |= {f"time_{k}": round(v, 4) for k, v in self.times.items()}
         self.times = {}
         return row
+
+    def collect_descriptors(self, t: int, cids: list[int]) -> None:
+        """A client's first contact (CE-LoRA): it computes its data descriptor on its own data and sends it,
+        before its first download, as a message of its own (counted in the flower_up_* columns)."""
+        if not cids:
+            return
+
+        def build(cid: int) -> Callable[[], RecordDict]:
+            s0 = self.server.synced.get(cid, 0)
+            return lambda: RecordDict({"describe": self.base_config(cid, t, s0, s0)})
+
+        t0 = time.perf_counter()
+        replies = self.exchange(HELLO, t, [_Send(cid, build(cid)) for cid in cids])
+        self.times["describe_exchange_s"] = time.perf_counter() - t0
+        for cid in cids:
+            r = replies.get(cid)
+            if isinstance(r, Message) and "descriptor" in r.content:
+                desc = from_record(r.content["descriptor"], r.content["descriptor_dtypes"])
+                self.sim.method.receive_descriptor(self.server, cid, desc, t)
+            else:
+                log.warning("round %d: client %d sent no data descriptor: %s", t, cid, r)
 
     def timing(self, replies: dict, kind: str, t0: float) -> None:
         """Wall time of an exchange, and the longest a ClientApp itself worked on it (the rest is transport)."""
