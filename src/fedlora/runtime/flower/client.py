@@ -239,7 +239,6 @@ def client_evaluate(msg: Message, context: Context) -> Message:
 client_app = ClientApp()
 
 
-@client_app.query()
 def client_describe(msg: Message, context: Context) -> Message:
     """The client's data descriptor (CE-LoRA), computed on its own training data, sent before its first download."""
     c = msg.content["describe"]
@@ -257,6 +256,7 @@ def client_describe(msg: Message, context: Context) -> Message:
                   descriptor_dtypes=cast)
 
 
+@client_app.query()
 def _hello(msg: Message, context: Context) -> Message:
     if "describe" in msg.content:
         return _timed(client_describe, msg, context)
