@@ -47,11 +47,17 @@ class TaskConfig(_Section):
     max_examples: int | None = Field(None, gt=0)  # subsample the whole task (seeded), for quick runs
     max_per_class: int | None = Field(None, gt=0)  # cap examples per label (healthtweets: 500 per outlet)
     keep_labels: list[str] | None = None  # keep only these labels / categories (e.g. 6 chatterbot categories)
+    # the label space (or a causal LM's categories) of `partition.scheme: files` / node-local data; None: the
+    # sorted union of the clients' labels (on Flower: of what the nodes report when they join)
+    labels: list[str] | None = None
 
 
 class PartitionConfig(_Section):
     num_clients: int = Field(10, gt=0)
-    scheme: Literal["iid", "dirichlet", "shards", "natural"] = "dirichlet"
+    # files: one file per client (`files`), each client's own data, as a Flower SuperNode holds it (--data)
+    scheme: Literal["iid", "dirichlet", "shards", "natural", "files"] = "dirichlet"
+    files: list[str] | None = None  # `files`: client i's CSV / JSONL file or local HF dataset folder
+    test_files: list[str] | None = None  # `files`: client i's own test file (None: client_test_fraction of its file)
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration on the label
     shards_per_client: int = Field(2, gt=0)  # pathological split: label-sorted shards per client
     column: str | None = None  # `natural`: the column whose values are the clients
@@ -185,6 +191,9 @@ class EvalConfig(_Section):
     # the summary's best round maximizes this (a loss or perplexity: minimizes) on VALIDATION data, never on
     # test; None: personal_accuracy (classification), personal_loss (causal LM)
     best_metric: str | None = None
+    # `partition.scheme: files`: the server's own global test file; None: global metrics are the example-weighted
+    # aggregate of the clients' reports
+    server_test: str | None = None
 
 
 class OutputConfig(_Section):
@@ -254,6 +263,13 @@ class RunConfig(_Section):
                              "base's dtype with the fp32 adapters)")
         if self.eval.clients is not None and self.eval.clients > n:
             raise ValueError(f"eval.clients ({self.eval.clients}) > partition.num_clients ({n})")
+        p = self.partition
+        for name in ("files", "test_files"):
+            files = getattr(p, name)
+            if files is not None and len(files) != n:
+                raise ValueError(f"partition.{name} lists {len(files)} files but partition.num_clients is {n}")
+        if p.scheme != "files" and (p.files or p.test_files or self.eval.server_test):
+            raise ValueError("partition.files, partition.test_files and eval.server_test need partition.scheme 'files'")
         if self.eval.split == "validation" and self.partition.client_val_fraction == 0:
             raise ValueError("eval.split is 'validation' but partition.client_val_fraction is 0")
         return self

@@ -10,7 +10,7 @@ a method that needs more (CE-LoRA's per-client C̄) keeps it in `server.extra`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
@@ -24,6 +24,18 @@ if TYPE_CHECKING:  # imported for type hints only: federation imports methods, n
     from ..federation import ClientState, Server, Upload
     from ..runtime.simulation import Simulation
     from ..train import LocalHook
+
+
+class ServerView(Protocol):
+    """What a method may read and change on the server (`federation.Server` is one)."""
+
+    global_state: dict[str, torch.Tensor]  # the server-held tensors, one copy
+    version: dict[str, int]  # round in which each key last changed
+    synced: dict[int, int]  # client -> last aggregated round it has downloaded
+    last_round: int
+    num_clients: int
+    extra: dict  # method-specific server state (checkpointed with the server)
+
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -1,16 +1,21 @@
 """`fedlora flower ...`: start a SuperLink, SuperNodes and runs of fedlora on Flower's Deployment Engine.
 
     fedlora flower certificates DIR --host HOST      a throw-away CA and server certificate (experiments)
+    fedlora flower silos CONFIG.yaml --out DIR       each client's partition as its own file (a rehearsal)
+    fedlora flower keys DIR --nodes N                one key pair per SuperNode (node authentication)
+    fedlora flower register DIR/node_*.pub           admit those nodes on a SuperLink started with --node-auth
     fedlora flower superlink --certificates DIR      flower-superlink, TLS, no runtime dependency install
-    fedlora flower supernode --partition-id I --num-partitions N --superlink HOST:PORT --root-certificates CA
+    fedlora flower supernode --partition-id I --num-partitions N --data SILO.csv --superlink HOST:PORT
+                             --root-certificates CA --auth-key node_I
     fedlora flower run CONFIG.yaml --superlink HOST:PORT --root-certificates CA
+    fedlora flower run --resume RUN_DIR ...          continue after the SuperLink or the ServerApp died
     fedlora flower app CONFIG.yaml --out DIR         the Flower app folder, for a plain `flwr run DIR`
 
 The commands wrap Flower's own (`flower-superlink`, `flower-supernode`, `flwr run`) with the settings
 fedlora needs: runtime dependency installation off (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 and
 `--disable-runtime-dependency-installation`, so Flower never replaces the installed fedlora), fast poll
 intervals, and by default a long-lived ClientApp worker inside the SuperNode process (`--isolation
-inprocess`, see `fedlora.runtime.flower.serve_client_tasks`) instead of a fresh `flwr-clientapp`
+inprocess`, see `fedlora.runtime.flower.patches.serve_client_tasks`) instead of a fresh `flwr-clientapp`
 process per message.
 """
 
@@ -27,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import typer
@@ -44,6 +50,7 @@ FLOWER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 SUPERLINK_NAME = "fedlora"  # the connection name in the generated Flower config
+RUN_META = "flower_run.json"  # written by the ServerApp in the run directory: the run's key, for --resume
 
 
 def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -148,12 +155,112 @@ def certificates(out: Path = typer.Argument(..., help="folder for ca.crt, server
                f"{paths['cert']} and {paths['key']} (the SuperLink's)")
 
 
+# ---------------------------------------------------------------- silo files (rehearsals)
+
+
+def write_silo_files(cfg, out: Path) -> Path:
+    """Each client's partition of a shared task as its own CSV (`client_i.csv`: text, label), and `run.yaml`:
+    the config on those files (`partition.scheme: files`), for a rehearsal of a deployment on loopback."""
+    import pandas as pd
+    import yaml
+
+    from ..data import load_task, split_task
+
+    t = cfg.task
+    if t.name == "instructions" or (t.name not in ("csv", "jsonl", "file") and t.path):
+        _fail("fedlora flower silos: splits a classification task; instruction files are one silo each already")
+    task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
+                     max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed,
+                     keep_labels=t.keep_labels)
+    split = split_task(task, cfg.partition, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for cid, (train, test) in enumerate(split.clients):
+        rows = sorted([*train.tolist(), *test.tolist()])
+        path = (out / f"client_{cid}.csv").resolve()
+        pd.DataFrame({"text": [task.texts[i] for i in rows],
+                      "label": [task.label_names[task.labels[i]] for i in rows]}).to_csv(path, index=False)
+        files.append(str(path))
+    data = cfg.model_dump(mode="json")
+    data["task"] = {"name": "csv", "text_column": "text", "label_column": "label", "labels": task.label_names}
+    data["partition"] = {**data["partition"], "scheme": "files", "files": files}
+    k = data["federation"].get("clients_per_round")
+    if k is not None and k > len(files):
+        data["federation"]["clients_per_round"] = None
+    (out / "run.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return out / "run.yaml"
+
+
+@flower_app.command()
+def silos(config: Path = typer.Argument(..., help="YAML config with a shared task and a partition"),
+          out: Path = typer.Option(..., "--out", help="folder for client_i.csv and run.yaml"),
+          set_: list[str] = typer.Option([], "--set", help="override, e.g. --set partition.num_clients=3")) -> None:
+    """Write each client's partition as its own file, and the config that runs on them (a rehearsal)."""
+    path = write_silo_files(_load(config, set_), out)
+    typer.echo(f"wrote {path} and the clients' files in {out}: give client_i.csv to SuperNode i (--data); "
+               f"`fedlora run {path}` is the same run in one process")
+
+
+# ---------------------------------------------------------------- node keys
+
+
+def make_node_keys(out: Path, names: list[str]) -> dict[str, tuple[Path, Path]]:
+    """An EC P-384 key pair per SuperNode, in OpenSSH format (what Flower's node authentication reads)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        private, public = out / name, out / f"{name}.pub"
+        private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+        private.chmod(0o600)
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                         serialization.PublicFormat.OpenSSH) + b"\n")
+        paths[name] = (private, public)
+    return paths
+
+
+@flower_app.command()
+def keys(out: Path = typer.Argument(..., help="folder for one key pair per SuperNode"),
+         nodes: int = typer.Option(..., "--nodes", help="how many SuperNodes (keys node_0 ... node_{N-1})")) -> None:
+    """Node keys: each SuperNode keeps its private key (`supernode --auth-key`), the SuperLink admits the public."""
+    paths = make_node_keys(out, [f"node_{i}" for i in range(nodes)])
+    typer.echo(f"wrote {len(paths)} key pairs in {out}: give node_i to SuperNode i (--auth-key), register each "
+               f"node_i.pub with `fedlora flower register` on a SuperLink started with --node-auth")
+
+
+@flower_app.command()
+def register(public_keys: list[Path] = typer.Argument(..., help="the SuperNodes' public keys (node_i.pub)"),
+             superlink: str = typer.Option("127.0.0.1:8000", help="the SuperLink's HOST:PORT"),
+             root_certificates: Path | None = typer.Option(None, "--root-certificates", help="CA of the SuperLink"),
+             insecure: bool = typer.Option(False, "--insecure", help="no TLS: local experiments only"),
+             superlink_wait: float = typer.Option(60.0, help="s to wait for the SuperLink to listen")) -> None:
+    """Admit SuperNodes: register their public keys with a SuperLink started with --node-auth."""
+    for key in public_keys:
+        if not key.is_file():
+            _fail(f"{key}: no such public key file")
+    wait_for_superlink(superlink, superlink_wait)
+    with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp:
+        home = write_flower_home(Path(tmp) / "flwr-home", superlink, root_certificates, insecure)
+        for key in public_keys:
+            r = subprocess.run([_exe("flwr"), "supernode", "register", str(key), SUPERLINK_NAME],
+                               env=flower_env({"FLWR_HOME": str(home)}), capture_output=True, text=True)
+            if r.returncode != 0:
+                _fail(f"registering {key} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+            typer.echo(f"{key}: {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else 'registered'}")
+
+
 # ---------------------------------------------------------------- SuperLink
 
 
 def superlink_command(host: str, port: int, certificates: Path | None, insecure: bool,
-                      database: str | None = None) -> list[str]:
+                      database: str | None = None, node_auth: bool = False) -> list[str]:
     cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if node_auth:  # only SuperNodes whose public key was registered (`fedlora flower register`) may join
+        cmd.append("--enable-supernode-auth")
     if insecure:
         cmd.append("--insecure")
     else:
@@ -176,37 +283,33 @@ def superlink(host: str = typer.Option("127.0.0.1", help="address to listen on (
               certificates: Path | None = typer.Option(None, "--certificates",
                                                        help="folder with ca.crt, server.pem, server.key"),
               insecure: bool = typer.Option(False, "--insecure", help="no TLS: local experiments only"),
-              database: str | None = typer.Option(None, help="SuperLink state database (default: in memory)")) -> None:
+              database: str | None = typer.Option(None, help="SuperLink state database (default: in memory)"),
+              node_auth: bool = typer.Option(False, "--node-auth", help="admit only registered SuperNodes "
+                                             "(`fedlora flower keys`, `fedlora flower register`)")) -> None:
     """Start the SuperLink (runs the ServerApp of each run, routes messages to the SuperNodes)."""
-    cmd = superlink_command(host, port, certificates, insecure, database)
+    cmd = superlink_command(host, port, certificates, insecure, database, node_auth)
     os.execve(cmd[0], cmd, flower_env())
 
 
 # ---------------------------------------------------------------- SuperNode
 
 
-class _CappedSleep:
-    """`time` for Flower's SuperNode loop with its sleeps capped: it waits 3 s after every empty poll of the
-    SuperLink and 0.5 s between checks for a reply, neither configurable in Flower 1.42."""
-
-    def __init__(self, cap: float):
-        self.cap = cap
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-
 def supernode_args(superlink: str, partition_id: int, num_partitions: int, state_dir: Path,
                    root_certificates: Path | None, insecure: bool, runtime_port: int,
-                   threads: int | None = None) -> list[str]:
+                   threads: int | None = None, local: dict[str, str | float | None] | None = None,
+                   auth_key: Path | None = None) -> list[str]:
+    """flower-supernode's arguments; `local`: this node's own data (data, test, test-fraction, column names)."""
     node_config = f"partition-id={partition_id} num-partitions={num_partitions} " \
                   f"state-dir={json.dumps(str(state_dir.expanduser().resolve()))}"
     if threads:
         node_config += f" threads={threads}"
+    for key, value in (local or {}).items():
+        if value is not None:
+            path = key in ("data", "test")
+            node_config += f" {key}={json.dumps(str(Path(value).expanduser().resolve()) if path else value)}"
     args = ["--superlink", superlink, "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if auth_key is not None:
+        args += ["--auth-supernode-private-key", str(auth_key.expanduser().resolve())]
     if insecure:
         args.append("--insecure")
     elif root_certificates is not None:
@@ -215,8 +318,19 @@ def supernode_args(superlink: str, partition_id: int, num_partitions: int, state
 
 
 @flower_app.command()
-def supernode(partition_id: int = typer.Option(..., "--partition-id", help="this client's partition, 0..N-1"),
+def supernode(partition_id: int = typer.Option(..., "--partition-id", help="this client's id, 0..N-1 (with --data: "
+                                              "client i of partition.scheme files; else its partition of the task)"),
               num_partitions: int = typer.Option(..., "--num-partitions", help="partition.num_clients of the runs"),
+              data: Path | None = typer.Option(None, "--data", help="this silo's own data: a CSV / JSONL file or a "
+                                               "saved Hugging Face dataset folder (runs with partition.scheme files)"),
+              test: Path | None = typer.Option(None, "--test", help="this silo's own test file (default: "
+                                               "--test-fraction of --data)"),
+              test_fraction: float | None = typer.Option(None, help="share of --data held out as its test split "
+                                                         "(default: the run's partition.client_test_fraction)"),
+              text_column: str | None = typer.Option(None, help="text column of --data (default: task.text_column)"),
+              label_column: str | None = typer.Option(None, help="label column (default: task.label_column)"),
+              auth_key: Path | None = typer.Option(None, "--auth-key", help="this node's private key (`fedlora flower "
+                                                   "keys`), for a SuperLink started with --node-auth"),
               superlink: str = typer.Option("127.0.0.1:8000", help="the SuperLink's HOST:PORT"),
               root_certificates: Path | None = typer.Option(None, "--root-certificates",
                                                             help="the CA that signed the SuperLink's certificate"),
@@ -235,8 +349,15 @@ def supernode(partition_id: int = typer.Option(..., "--partition-id", help="this
     if not insecure and root_certificates is None:
         typer.echo("note: no --root-certificates: the SuperLink's certificate is checked against the system CAs",
                    err=True)
+    for path, flag in ((data, "--data"), (test, "--test"), (auth_key, "--auth-key")):
+        if path is not None and not path.expanduser().exists():
+            _fail(f"{flag} {path}: no such file or folder")
+    if data is None and (test or test_fraction is not None or text_column or label_column):
+        _fail("--test, --test-fraction and the column options describe --data: give --data too")
+    local = {"data": data, "test": test, "test-fraction": test_fraction, "text-column": text_column,
+             "label-column": label_column} if data is not None else None
     args = supernode_args(superlink, partition_id, num_partitions, state_dir, root_certificates, insecure,
-                          runtime_port or free_port(), threads)
+                          runtime_port or free_port(), threads, local, auth_key)
     env = flower_env()
     if isolation == "subprocess":
         exe = _exe("flower-supernode")
@@ -252,11 +373,11 @@ def run_inprocess_supernode(args: list[str], poll_interval: float) -> None:
     from . import flower  # torch, transformers, the apps: imported once, before the first message
 
     if hasattr(loop, "time"):
-        loop.time = _CappedSleep(poll_interval)
+        loop.time = flower.patches.CappedSleep(poll_interval)
     flower.fast_object_pulls()
     port = args[args.index("--port") + 1]
     stop = threading.Event()
-    threading.Thread(target=flower.serve_client_tasks, args=(f"127.0.0.1:{port}", stop), daemon=True,
+    threading.Thread(target=flower.patches.serve_client_tasks, args=(f"127.0.0.1:{port}", stop), daemon=True,
                      name="fedlora-clientapp").start()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
@@ -309,12 +430,38 @@ def write_flower_home(home: Path, superlink: str, root_certificates: Path | None
 
 
 def _run_config(cfg, out: str | None, superlink: str, node_wait: float, round_timeout: float,
-                collect_client_states: bool, wire: str = "packed") -> dict:
+                collect_client_states: bool, wire: str = "packed", run_key: str | None = None,
+                resume: bool = False) -> dict:
     run_dir = out or str(Path(cfg.output.dir) / cfg.name)
     if _is_local(superlink):  # same machine: the run directory is where the user is
         run_dir = str(Path(run_dir).expanduser().resolve())
     return {"run-dir": run_dir, "node-wait": float(node_wait), "round-timeout": float(round_timeout),
-            "collect-client-states": bool(collect_client_states), "wire": wire}
+            "collect-client-states": bool(collect_client_states), "wire": wire,
+            "run-key": run_key or uuid.uuid4().hex[:16], "resume": resume}
+
+
+def for_flower(cfg):
+    """The config the SuperLink gets: client files are the nodes' own (each SuperNode's --data), never named."""
+    p = cfg.partition
+    if p.scheme == "files" and (p.files or p.test_files):
+        typer.echo("note: partition.files / test_files are dropped from the run's config: on Flower each "
+                   "SuperNode reads its own file (--data)", err=True)
+        cfg = cfg.model_copy(update={"partition": p.model_copy(update={"files": None, "test_files": None})})
+    return cfg
+
+
+def wait_for_superlink(address: str, timeout: float) -> None:
+    """Wait until the SuperLink's port accepts connections (a run started right after the SuperLink fails)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                _fail(f"the SuperLink at {address} does not answer after {timeout:.0f} s (--superlink-wait)")
+            time.sleep(0.3)
 
 
 def _load(config: Path, set_: list[str]):
@@ -327,7 +474,7 @@ def _load(config: Path, set_: list[str]):
 
 
 @flower_app.command()
-def run(config: Path = typer.Argument(..., help="YAML config"),
+def run(config: Path | None = typer.Argument(None, help="YAML config (not with --resume)"),
         set_: list[str] = typer.Option([], "--set", help="override, e.g. --set method.name=rolora"),
         superlink: str = typer.Option("127.0.0.1:8000", help="the SuperLink's HOST:PORT"),
         root_certificates: Path | None = typer.Option(None, "--root-certificates", help="CA of the SuperLink"),
@@ -340,12 +487,31 @@ def run(config: Path = typer.Argument(..., help="YAML config"),
                                                    "directory (off: personal adapters never leave the clients)"),
         wire: str = typer.Option("packed", help="tensors on the wire: packed (one safetensors blob per message) "
                                  "or arrays (one Flower Array per tensor; bfloat16 cast to float32)"),
-        app_dir: Path | None = typer.Option(None, help="keep the generated Flower app here")) -> None:
+        app_dir: Path | None = typer.Option(None, help="keep the generated Flower app here"),
+        resume: Path | None = typer.Option(None, "--resume", help="continue the run in this run directory after "
+                                           "its last checkpointed round (the SuperLink or the ServerApp died)"),
+        superlink_wait: float = typer.Option(60.0, help="s to wait for the SuperLink to listen")) -> None:
     """Start a run on the SuperLink and stream its log until it ends."""
-    cfg = _load(config, set_)
     if wire not in ("packed", "arrays"):
         _fail("--wire must be packed or arrays")
-    rc = _run_config(cfg, out, superlink, node_wait, round_timeout, collect_client_states, wire)
+    if resume is not None:
+        if config is not None:
+            _fail("--resume RUN_DIR continues that run with its own config.yaml: give no CONFIG")
+        meta = resume / RUN_META
+        if not meta.is_file():
+            _fail(f"--resume {resume}: no {RUN_META} (not a run directory of `fedlora flower run`)")
+        cfg = _load(resume / "config.yaml", set_)
+        rc = _run_config(cfg, str(resume), superlink, node_wait, round_timeout, collect_client_states, wire,
+                         json.loads(meta.read_text())["run-key"], resume=True)
+    else:
+        if config is None:
+            _fail("give a CONFIG, or --resume RUN_DIR")
+        cfg = for_flower(_load(config, set_))
+        rc = _run_config(cfg, out, superlink, node_wait, round_timeout, collect_client_states, wire)
+        if _is_local(superlink):  # what --resume needs to find the clients' state again
+            Path(rc["run-dir"]).mkdir(parents=True, exist_ok=True)
+            (Path(rc["run-dir"]) / RUN_META).write_text(json.dumps({"run-key": rc["run-key"]}))
+    wait_for_superlink(superlink, superlink_wait)
     with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp:
         app = write_app(app_dir or Path(tmp) / "app", cfg, rc)
         home = write_flower_home(Path(tmp) / "flwr-home", superlink, root_certificates, insecure)
@@ -365,7 +531,7 @@ def app(config: Path = typer.Argument(..., help="YAML config"),
         set_: list[str] = typer.Option([], "--set", help="override, e.g. --set method.name=rolora"),
         run_dir: str | None = typer.Option(None, help="run directory on the SuperLink's machine")) -> None:
     """Write the Flower app of a config, for `flwr run DIR SUPERLINK` with your own Flower config."""
-    cfg = _load(config, set_)
+    cfg = for_flower(_load(config, set_))
     write_app(out, cfg, _run_config(cfg, run_dir, "remote:0", 120.0, 3600.0, True))
     typer.echo(f"wrote {out / 'pyproject.toml'}; run it with: flwr run {out} <superlink> --stream "
                "(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 on the SuperLink)")

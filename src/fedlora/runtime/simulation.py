@@ -35,6 +35,7 @@ from ..data import (
     tokenize,
     tokenize_causal,
 )
+from ..data.silo import Silo, config_silos, files_task, no_examples
 from ..federation import ClientState, Download, Server, Upload, apply_download, client_fit, clients_fit
 from ..methods import get_method
 from ..metrics import resolve_metrics
@@ -83,10 +84,20 @@ def auto_clients_per_pass(model: torch.nn.Module, cfg: RunConfig) -> int:
     return int(max(1, min(n, 0.7 * free // per_client)))
 
 
+def weighted_metrics(per_client: list[dict]) -> dict:
+    """The example-weighted aggregate of the clients' metrics (the global metrics when no global test set exists)."""
+    n = np.array([m["n"] for m in per_client], dtype=float)
+    return {k: float((np.array([m[k] for m in per_client]) * n).sum() / n.sum()) for k in METRICS if k in per_client[0]}
+
+
 class Simulation:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, *, task: Task | None = None,
-                 split: Split | None = None, model: torch.nn.Module | None = None, tokenizer=None):
-        """`task`, `split`, `model` and `tokenizer` replace what `cfg` names (the Python API passes objects)."""
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, silos: dict[int, Silo] | None = None,
+                 label_names: list[str] | None = None, *, task: Task | None = None, split: Split | None = None,
+                 model: torch.nn.Module | None = None, tokenizer=None):
+        """`silos` (`partition.scheme: files` only): the clients whose own files this process reads (a Flower node:
+        its own; a Flower server: none), default every client's `partition.files`; `label_names`: the run's label
+        space, default task.labels or the union of the files' labels. `task`, `split`, `model` and `tokenizer`
+        replace what `cfg` names (the Python API passes objects)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.output.dir) / cfg.name
         if cfg.threads:
@@ -102,10 +113,19 @@ class Simulation:
 
         # data: tokenized once; clients hold index subsets
         data_seed = cfg.split_seed
-        self.task = task if task is not None else task_from_config(cfg.task, data_seed)
-        self.split = split if split is not None else split_task(self.task, cfg.partition, data_seed)
+        self.files = cfg.partition.scheme == "files"
+        if self.files:  # node-local data: each client's own file, nothing else
+            local = config_silos(cfg) if silos is None else silos
+            self.task, self.split = files_task(cfg, local, label_names, server_test=not silos)
+            self.local_clients = sorted(local)
+        else:
+            self.task = task if task is not None else task_from_config(cfg.task, data_seed)
+            self.split = split if split is not None else split_task(self.task, cfg.partition, data_seed)
+            self.local_clients = list(range(cfg.partition.num_clients))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name)
-        if self.task.causal:
+        if not self.task.texts:  # a server without a test set of its own
+            everything = no_examples(self.task.causal)
+        elif self.task.causal:
             everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
         else:
             everything = tokenize(self.tokenizer, self.task.texts, self.task.labels, cfg.model.max_length)
@@ -113,7 +133,10 @@ class Simulation:
         # evaluation sets: capped ones are seeded samples stratified by label (category for a causal LM), the
         # same rule on the test and the validation path, never a prefix of file order
         labels, e = np.asarray(self.task.labels), cfg.eval
-        if e.split == "validation":  # tuning: the test splits are never touched
+        if e.split == "validation" and self.files:  # the clients' own validation; the server's test set stays
+            held = self.split.validation
+            pooled = self.split.global_test
+        elif e.split == "validation":  # tuning: the test splits are never touched
             held = self.split.validation
             pooled = np.concatenate(held)  # the clients' validation sets pooled, then sampled
         else:
@@ -284,13 +307,27 @@ class Simulation:
             chosen |= set(self.server.participants)
         return sorted(chosen)
 
+    def has_global_test(self) -> bool:
+        """A global test set to measure on: node-local data has only the server's own, for a single global model
+        (personal models stay on their clients); otherwise global metrics are the clients' reports, weighted."""
+        return len(self.global_test) > 0 and (not self.files or self.single_model())
+
     def evaluate(self, generate: bool = False) -> dict:
         """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
         generate = generate and self.task.causal and self.cfg.eval.generate_examples > 0
         samples: dict[str, list] = {}
         val: list[dict] = []
         own_cids = self.eval_clients()
-        if self.single_model():
+        if not self.has_global_test():  # no global test set of the server's own: the clients' reports, weighted
+            per_client = []
+            for cid in own_cids:
+                self.am.set_state(self.eval_state(cid))
+                own = samples.setdefault(f"client_{cid}", [])
+                per_client.append(self.measure(self.client_test[cid], generate, own, self.client_prompts[cid]))
+                if self.client_val:
+                    val.append(self.measure(self.client_val[cid], False))
+            g = weighted_metrics(per_client)
+        elif self.single_model():
             self.am.set_state(self.eval_state(0))
             g = self.measure(self.global_test, generate, samples.setdefault("global", []), self.global_prompts)
             per_client = [self.measure(self.client_test[c], generate, samples.setdefault(f"client_{c}", []),

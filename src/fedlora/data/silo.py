@@ -1,0 +1,153 @@
+"""Node-local data: each client's own file, as a silo (a hospital's SuperNode) holds it.
+
+    partition.scheme: files            client i reads partition.files[i] and nothing else
+    test: partition.test_files[i]      or a seeded client_test_fraction of its own file
+    labels: task.labels                or the sorted union of the clients' labels
+    global test: eval.server_test      the server's own file, or none (global metrics = the clients' reports)
+
+The in-process simulation and a Flower SuperNode (`--data`) read a client's file through the same
+`load_local`, encode its labels against the same label space and carve its test split with the same
+generator, so a deployment can be rehearsed in one process on exactly the silos' files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, TaskConfig
+from ..seeding import rng
+from .loader import Examples
+from .partition import Split
+from .tasks import Task, _encode, load_file, load_instructions
+
+FILE_TASKS = ("csv", "jsonl", "file", "instructions")
+
+
+@dataclass
+class Silo:
+    """One client's own data: a file (or a local Hugging Face dataset folder), and optionally its test file."""
+
+    data: str
+    test: str | None = None
+
+
+def load_local(path: str, task: TaskConfig) -> Task:
+    """Read one client's (or the server's) own file: CSV / JSONL, instructions JSONL, or a saved HF dataset folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            ds = load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - any unreadable folder becomes one line naming it
+            raise ValueError(f"{path}: not a saved Hugging Face dataset ({str(e).splitlines()[0]})") from None
+        if isinstance(ds, DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        df = ds.to_pandas()
+        if task.name == "instructions":
+            for col in ("instruction", "output"):
+                if col not in df.columns:
+                    raise ValueError(f"{path}: needs an '{col}' column (columns: {list(df.columns)})")
+            inputs = df["input"].fillna("") if "input" in df.columns else [""] * len(df)
+            prompts = [q + (f"\n\n{i}" if i else "") for q, i in zip(df["instruction"], inputs, strict=True)]
+            cats = df["category"].astype(str).tolist() if "category" in df.columns else ["all"] * len(df)
+            return _encode(p.name, prompts, cats, {"category": cats}, targets=df["output"].astype(str).tolist())
+        for col, field in ((task.text_column, "task.text_column"), (task.label_column, "task.label_column")):
+            if col not in df.columns:
+                raise ValueError(f"{field}: no column '{col}' in {path} (columns: {list(df.columns)})")
+        df = df.dropna(subset=[task.text_column, task.label_column])
+        return _encode(p.name, df[task.text_column].astype(str).tolist(), df[task.label_column].astype(str).tolist())
+    if task.name == "instructions":
+        return load_instructions(str(p))
+    if task.name not in FILE_TASKS:
+        raise ValueError(f"task.name: partition.scheme 'files' reads files: use csv, jsonl or instructions, "
+                         f"not '{task.name}'")
+    return load_file(str(p), task.text_column, task.label_column)
+
+
+def relabel(task: Task, names: list[str], where: str) -> Task:
+    """The task with its labels encoded against the run's label space `names`."""
+    unknown = sorted(set(task.label_names) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: labels {unknown[:5]} are not in task.labels {names}")
+    index = {n: i for i, n in enumerate(names)}
+    labels = [index[task.label_names[y]] for y in task.labels]
+    return Task(task.name, task.texts, labels, list(names), {}, task.targets)
+
+
+def label_space(cfg: RunConfig, tasks: list[Task]) -> list[str]:
+    """task.labels, or the sorted union of the labels the clients hold."""
+    if cfg.task.labels:
+        return list(cfg.task.labels)
+    return sorted({n for t in tasks for n in t.label_names})
+
+
+def config_silos(cfg: RunConfig) -> dict[int, Silo]:
+    """Every client's silo as `partition.files` names them (the in-process simulation of a deployment)."""
+    p = cfg.partition
+    if not p.files:
+        raise ValueError("partition.scheme 'files' needs partition.files (one file per client); on Flower each "
+                         "SuperNode brings its own (`fedlora flower supernode --data PATH`)")
+    tests = p.test_files or [None] * len(p.files)
+    return {cid: Silo(f, t) for cid, (f, t) in enumerate(zip(p.files, tests, strict=True))}
+
+
+def carve(n: int, fraction: float, seed: int, cid: int) -> tuple[np.ndarray, np.ndarray]:
+    """A client's own (train, test) rows of its file: a seeded `fraction` of them is its test split."""
+    order = rng("client_split", seed, cid).permutation(n)
+    n_test = max(1, int(round(n * fraction)))
+    if n - n_test < 1:
+        raise ValueError(f"client {cid}: its file has {n} rows, too few for a train and a test split")
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def files_task(cfg: RunConfig, silos: dict[int, Silo], label_names: list[str] | None = None,
+               server_test: bool = True) -> tuple[Task, Split]:
+    """The local silos' data as one Task and a Split over it: the rows of clients not in `silos` are empty.
+
+    `label_names`: the run's label space (None: `label_space` of the silos read here). `server_test`: also read
+    eval.server_test as the global test set (the server's own file; a client never reads it).
+    """
+    part = {cid: (load_local(s.data, cfg.task), load_local(s.test, cfg.task) if s.test else None)
+            for cid, s in sorted(silos.items())}
+    srv = load_local(cfg.eval.server_test, cfg.task) if server_test and cfg.eval.server_test else None
+    names = label_names or label_space(cfg, [t for pair in part.values() for t in pair if t is not None])
+    texts, labels, targets = [], [], []
+    causal = cfg.task.name == "instructions"  # known without reading a file (a server reads none)
+
+    def add(task: Task, where: str) -> np.ndarray:
+        task = relabel(task, names, where)
+        start = len(texts)
+        texts.extend(task.texts)
+        labels.extend(task.labels)
+        targets.extend(task.targets or [])
+        return np.arange(start, len(texts), dtype=np.int64)
+
+    empty = np.zeros(0, dtype=np.int64)
+    clients = [(empty, empty)] * cfg.partition.num_clients
+    validation = [empty] * cfg.partition.num_clients if cfg.partition.client_val_fraction else None
+    for cid, (data, test) in part.items():
+        rows = add(data, silos[cid].data)
+        if test is not None:
+            train, held = rows, add(test, silos[cid].test)
+        else:
+            train, held = (rows[i] for i in carve(len(rows), cfg.partition.client_test_fraction, cfg.split_seed, cid))
+        if validation is not None:
+            order = rng("client_val", cfg.split_seed, cid).permutation(len(train))
+            n_v = max(1, int(round(len(train) * cfg.partition.client_val_fraction)))
+            validation[cid], train = np.sort(train[order[:n_v]]), np.sort(train[order[n_v:]])
+        clients[cid] = (train, held)
+    global_test = add(srv, cfg.eval.server_test) if srv is not None else empty
+    task = Task("files", texts, labels, list(names), {}, targets if causal else None)
+    return task, Split(global_test, clients, validation)
+
+
+def no_examples(causal: bool) -> Examples:
+    """Zero rows, for the clients a process holds no data of (and a server without a test set)."""
+    z = torch.zeros(0, 1, dtype=torch.long)
+    return Examples(z, z.clone(), torch.zeros((0, 1) if causal else (0,), dtype=torch.long),
+                    torch.zeros(0, dtype=torch.long) if causal else None)
