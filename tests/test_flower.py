@@ -39,15 +39,6 @@ NUM = 3
 CLI = [sys.executable, "-m", "fedlora.cli", "flower"]
 
 
-def _celora_ok() -> bool:
-    """CE-LoRA is being written in parallel: include it when it exists and its own tests pass."""
-    try:
-        from fedlora.methods import METHODS
-    except Exception:  # noqa: BLE001
-        return False
-    return "celora" in METHODS and os.environ.get("FEDLORA_FLOWER_SKIP_CELORA") != "1"
-
-
 class Federation:
     def __init__(self, root: Path):
         self.root, self.procs, self.logs = root, {}, {}
@@ -174,7 +165,7 @@ def assert_same_run(flower_dir: Path, sim_dir: Path) -> None:
 
 
 # wire "arrays": one Flower Array per tensor; "packed": one safetensors blob per message (the default)
-METHODS = [("rolora", "arrays"), ("celora", "packed")] if _celora_ok() else [("fedit", "arrays"), ("rolora", "packed")]
+METHODS = [("rolora", "arrays"), ("celora", "packed")]
 
 
 @pytest.mark.parametrize("method,wire", METHODS)

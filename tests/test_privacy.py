@@ -1,4 +1,4 @@
-"""Privacy: the gradient-inversion attack on each method's upload, and client-level DP (issue 7)."""
+"""Privacy: the gradient-inversion attack on each method's upload, and client-level DP."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from ..config import RunConfig, TaskConfig
 from ..seeding import rng
 from .loader import Examples
 from .partition import Split
-from .tasks import Task, _encode, load_file, load_instructions
+from .source import load_task_source
+from .tasks import Task
 
 FILE_TASKS = ("csv", "jsonl", "file", "instructions")
 
@@ -36,37 +37,20 @@ class Silo:
 
 
 def load_local(path: str, task: TaskConfig) -> Task:
-    """Read one client's (or the server's) own file: CSV / JSONL, instructions JSONL, or a saved HF dataset folder."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        from datasets import DatasetDict, load_from_disk
-
-        try:
-            ds = load_from_disk(str(p))
-        except Exception as e:  # noqa: BLE001 - any unreadable folder becomes one line naming it
-            raise ValueError(f"{path}: not a saved Hugging Face dataset ({str(e).splitlines()[0]})") from None
-        if isinstance(ds, DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        df = ds.to_pandas()
-        if task.name == "instructions":
-            for col in ("instruction", "output"):
-                if col not in df.columns:
-                    raise ValueError(f"{path}: needs an '{col}' column (columns: {list(df.columns)})")
-            inputs = df["input"].fillna("") if "input" in df.columns else [""] * len(df)
-            prompts = [q + (f"\n\n{i}" if i else "") for q, i in zip(df["instruction"], inputs, strict=True)]
-            cats = df["category"].astype(str).tolist() if "category" in df.columns else ["all"] * len(df)
-            return _encode(p.name, prompts, cats, {"category": cats}, targets=df["output"].astype(str).tolist())
-        for col, field in ((task.text_column, "task.text_column"), (task.label_column, "task.label_column")):
-            if col not in df.columns:
-                raise ValueError(f"{field}: no column '{col}' in {path} (columns: {list(df.columns)})")
-        df = df.dropna(subset=[task.text_column, task.label_column])
-        return _encode(p.name, df[task.text_column].astype(str).tolist(), df[task.label_column].astype(str).tolist())
-    if task.name == "instructions":
-        return load_instructions(str(p))
-    if task.name not in FILE_TASKS:
-        raise ValueError(f"task.name: partition.scheme 'files' reads files: use csv, jsonl or instructions, "
+    """Read one client's (or the server's) own file: CSV / JSONL / JSON / parquet / arrow, an instructions file, or
+    a saved Hugging Face dataset folder, through the loader `task.name: hf` uses (data/source.py)."""
+    if task.name not in FILE_TASKS + ("hf",):
+        raise ValueError(f"task.name: partition.scheme 'files' reads files: use csv, jsonl, instructions or hf, "
                          f"not '{task.name}'")
-    return load_file(str(p), task.text_column, task.label_column)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    kind = "instructions" if task.name == "instructions" else ("classification" if task.name != "hf" else task.kind)
+    fmt = {"csv": "csv", "jsonl": "jsonl"}.get(task.name)
+    return load_task_source(str(p), kind=kind, fmt=fmt if p.is_file() else None, text_column=task.text_column,
+                            label_column=task.label_column, instruction_column=task.instruction_column,
+                            input_column=task.input_column, output_column=task.output_column,
+                            category_column=task.category_column, name=p.stem if p.is_file() else p.name)
 
 
 def relabel(task: Task, names: list[str], where: str) -> Task:
