@@ -30,9 +30,9 @@ import copy
 from pathlib import Path
 
 import numpy as np
-from sweep import markdown, run_arms, save_figure, write_json
+from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, write_json
 
-from fedlora.report import head_bytes_per_upload
+from fedlora.report import call_text, head_bytes_per_upload
 
 # learning rates per method: A/B factors, the core C, the head (set from --stage tune; see benchmarks/README.md)
 # winners of --stage tune (2026-11-28): FedIT and FFA-LoRA 3e-3 over 1e-3; RoLoRA, FedSA, local-only and
@@ -108,10 +108,17 @@ def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = Tru
 
 
 def rows_from(results: dict, alpha: float) -> list[dict]:
+    """One row per arm: means over its seeds (sample std beside the personalized accuracy), curves averaged."""
     rows = []
-    for label, (s, hist) in results.items():
-        rows.append({"alpha": alpha, "arm": label, "method": s["method"], "head": s["head"],
-                     "personal_accuracy": s["personal_accuracy"], "global_accuracy": s["global_accuracy"],
+    for label, runs in by_arm(results).items():
+        s, hist = runs[0]
+        acc = values(runs, "personal_accuracy")
+        curves = [[r["personal_accuracy"] for r in h if r.get("personal_accuracy") is not None] for _, h in runs]
+        mean_curve = np.mean(curves, axis=0).tolist()
+        rows.append({"alpha": alpha, "arm": label, "method": s["method"], "head": s["head"], "seeds": len(runs),
+                     "seed_values": acc, "personal_accuracy": float(np.mean(acc)),
+                     "personal_accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
+                     "global_accuracy": float(np.mean(values(runs, "global_accuracy"))),
                      "up_adapter_per_client_round": s["up_raw_adapter_per_client_round"],
                      "up_head_per_client_round": head_bytes_per_upload(hist),
                      "up_mb": s["up_raw"] / 1e6, "wall_s": s["wall_s"],
@@ -120,8 +127,9 @@ def rows_from(results: dict, alpha: float) -> list[dict]:
                                          None),
                      "collaborators": next((r["celora_collaborators"] for r in reversed(hist)
                                             if "celora_collaborators" in r), None),
-                     "curve": [(r["round"], r["cum_up_raw"] / 1e6, r["personal_accuracy"]) for r in hist
-                               if r.get("personal_accuracy") is not None]})
+                     "curve": [(r["round"], r["cum_up_raw"] / 1e6, a) for r, a in
+                               zip([r for r in hist if r.get("personal_accuracy") is not None], mean_curve,
+                                   strict=True)]})
     return rows
 
 
@@ -157,8 +165,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="local steps per round")
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side, one torch thread each")
+    ap.add_argument("--seeds", type=int, default=None, help="training seeds per arm (default 3; quick 1)")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
+    seeds = args.seeds or (1 if args.quick else 3)
     rounds = args.rounds or (2 if args.quick else 6)
     steps = args.steps or (2 if args.quick else 5)
     alphas = [float(a) for a in (args.alphas or ("0.1,0.5" if args.stage == "test" else "0.1")).split(",")]
@@ -170,21 +180,24 @@ def main() -> None:
         base = base_config(args.quick, a, rounds, steps, args.stage)
         # the usual FedIT (shared head): first alpha only
         arms = arms_for(args.stage, base, methods, shared_head=a == alphas[0], quick=args.quick)
-        rows += rows_from(run_arms(arms, out / name / f"alpha{a}", jobs=1 if args.quick else args.jobs), a)
+        rows += rows_from(run_arms(with_seeds(arms, seeds), out / name / f"alpha{a}",
+                                   jobs=1 if args.quick else args.jobs), a)
     write_json(out / f"{name}.json", {"rounds": rounds, "local_steps": steps, "stage": args.stage, "rows": rows})
     plot(rows, out / f"{name}.png")
     for a in alphas:  # the claim, in numbers, per alpha
         by = {r["arm"]: r for r in rows if r["alpha"] == a}
         if {"celora", "fedit", "local"} <= by.keys():
             c, f, loc = by["celora"], by["fedit"], by["local"]
-            print(f"alpha {a}: CE-LoRA - FedIT = {100 * (c['personal_accuracy'] - f['personal_accuracy']):+.1f} pts, "
-                  f"CE-LoRA - local = {100 * (c['personal_accuracy'] - loc['personal_accuracy']):+.1f} pts, "
+            print(f"alpha {a}: CE-LoRA - FedIT = {call_text(c['seed_values'], f['seed_values'])}, "
+                  f"CE-LoRA - local = {call_text(c['seed_values'], loc['seed_values'])}, "
                   f"uplink ratio FedIT / CE-LoRA = "
                   f"{f['up_adapter_per_client_round'] / max(1.0, c['up_adapter_per_client_round']):.0f}")
-    print(f"split: {'validation' if args.stage == 'tune' else 'test'}; {rounds} rounds x {steps} local steps, "
+    print(f"split: {'validation' if args.stage == 'tune' else 'test'}; {seeds} seed(s) per arm (mean, sample std; "
+          f"a difference is a win only beyond 2 SE); {rounds} rounds x {steps} local steps, "
           f"all clients every round; mean personalized accuracy {np.mean([r['personal_accuracy'] for r in rows]):.3f}")
     print(markdown(rows, [("alpha", "alpha", "g"), ("arm", "arm", "s"), ("head", "head", "s"),
-                          ("personal_accuracy", "personalized acc", ".3f"), ("global_accuracy", "global acc", ".3f"),
+                          ("personal_accuracy", "personalized acc", ".3f"), ("personal_accuracy_std", "± std", ".3f"),
+                          ("global_accuracy", "global acc", ".3f"),
                           ("up_adapter_per_client_round", "uplink B / client / round (adapter)", ",.0f"),
                           ("up_head_per_client_round", "head B", ",.0f"), ("up_mb", "uplink MB total", ".2f"),
                           ("descriptor_bytes", "descriptor B total", ",.0f"), ("self_weight", "mean w_ii", ".2f"),
