@@ -21,6 +21,7 @@ def _run_one(job: tuple[str, dict, str]) -> str:
     label, cfg_dict, run_dir = job
     import torch
 
+    from fedlora.checkpoint import has_checkpoint
     from fedlora.config import build_config
     from fedlora.runtime.simulation import Simulation
 
@@ -28,7 +29,7 @@ def _run_one(job: tuple[str, dict, str]) -> str:
         torch.set_num_threads(cfg_dict["threads"])
     start = time.perf_counter()
     # an arm stopped mid-way continues after its last checkpointed round
-    Simulation(build_config(cfg_dict), run_dir).run(resume=(Path(run_dir) / "checkpoint.pt").is_file())
+    Simulation(build_config(cfg_dict), run_dir).run(resume=has_checkpoint(Path(run_dir)))
     print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
     return label
 

@@ -168,3 +168,9 @@ def load_checkpoint(run_dir: Path) -> dict | None:
         if payload is not None:
             return payload | {"_base": None, "_base_bytes": 0, "_delta_bytes": 0}
     return None
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether `run_dir` holds any checkpoint file (a run stopped mid-way, to be resumed)."""
+    d = Path(run_dir) / DIR
+    return (d.is_dir() and any(d.glob("base_*.pt"))) or (Path(run_dir) / LEGACY).exists()

@@ -212,6 +212,7 @@ def compare(config: Path = typer.Argument(..., help="base YAML config"),
     centralized given the federation's total steps, and a stored run reused only if its config is the same."""
     import shutil
 
+    from .checkpoint import has_checkpoint
     from .config import load_config
     from .report import write_report
 
@@ -238,7 +239,7 @@ def compare(config: Path = typer.Argument(..., help="base YAML config"),
                 console.print(f"{cfg.name}: finished earlier, skipped")
                 continue
             console.print(f"[{len(run_dirs)}/{len(names) * seeds}]", end=" ")
-            _guard(run_with_progress, cfg, run_dir, (run_dir / "checkpoint.pt").is_file())
+            _guard(run_with_progress, cfg, run_dir, has_checkpoint(run_dir))
     report = write_report(run_dirs, out, f"{base.name}: {base.task.name}, {base.partition.num_clients} clients, "
                                           f"{base.partition.scheme}", head=head)
     console.print(report.read_text().split("\n\n")[2])

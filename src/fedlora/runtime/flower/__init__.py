@@ -33,7 +33,7 @@ message that changes them. Flower's `Context.state` is in memory only; this surv
 message is idempotent: a retried round returns the stored upload instead of training twice, and a
 client whose sync mark differs from the server's (it lost its disk, or missed a download) answers
 `resync` and gets the tensors it is missing. The run key (run config `run-key`) outlives Flower's run id:
-the ServerApp checkpoints every round (the in-process `checkpoint.pt`, server part), and a resumed run
+the ServerApp checkpoints every round (the in-process checkpoint chain, server part), and a resumed run
 (`fedlora flower run --resume RUN_DIR`, a new Flower run) finds every client's state again.
 
 Bytes: `up_*` / `down_*` are counted by `Server.finish_round` exactly as in process (raw tensor bytes

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
-from ...checkpoint import load_checkpoint, save_checkpoint
+from ...checkpoint import Checkpointer, load_checkpoint
 from ...config import build_config, dump_config
 from ...federation import Upload
 from ...methods import Method, get_method
@@ -479,11 +479,13 @@ class FlowerServer:
 
     def checkpoint(self) -> None:
         """The in-process checkpoint's server part (each client keeps its own state on its node)."""
+        self.checkpointer.save(self.server_snapshot())
+
+    def server_snapshot(self) -> dict:
         sim = self.sim
-        save_checkpoint(self.run_dir, {"round": len(sim.history), "history": sim.history,
-                                       "server": self.server.state_dict(),
-                                       "rng": {"dropout": sim.dropout_rng.bit_generator.state},
-                                       "flower": self.cum_flower, "labels": self.labels or []})
+        return {"round": len(sim.history), "history": sim.history, "server": self.server.state_dict(),
+                "rng": {"dropout": sim.dropout_rng.bit_generator.state}, "flower": self.cum_flower,
+                "labels": self.labels or []}
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -497,6 +499,9 @@ class FlowerServer:
             raise RuntimeError(f"no SuperNode joined within node-wait = {self.rc['node-wait']} s")
         self.build(ck)
         sim = self.sim
+        self.checkpointer = Checkpointer(self.run_dir)  # incremental: a base, then what changed each round
+        if ck is not None:
+            self.checkpointer.resumed(self.server_snapshot(), ck)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         if str(self.rc["run-key"]):  # what `fedlora flower run --resume RUN_DIR` needs to find the clients' state
             (self.run_dir / RUN_META).write_text(json.dumps({"run-key": str(self.rc["run-key"])}))
