@@ -153,7 +153,7 @@ def test_descriptor_release_clips_and_hides_absent_classes():
 
     feats = torch.randn(40, 8) * 5 + 3
     labels = torch.tensor([0] * 30 + [2] * 10)
-    desc = data_descriptor(feats, labels, num_labels=4, all_classes=True)
+    desc = data_descriptor(feats, labels, num_labels=4, kind="per_class", all_classes=True)
     assert desc["classes"].tolist() == [0, 1, 2, 3] and float(desc["mean"][1].abs().sum()) == 0.0
     out = privatize(desc, 1e-9, 1.0, np.random.default_rng(0))  # ~no noise: only the clipping shows
     flat = torch.cat([out[k].flatten() for k in ("mean", "var")])
