@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 @register
 class FedDPA(Method):
     name = "feddpa"
+    batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     dual = True
     default_head = "personal"
     server_factors = frozenset({"A", "B"})

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 @register
 class FedExLoRA(Method):
     name = "fedex"
+    batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     full_update = True
     server_factors = frozenset({"A", "B", "W"})
 

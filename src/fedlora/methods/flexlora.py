@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 @register
 class FlexLoRA(Method):
     name = "flexlora"
+    batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     mixed_ranks = True
     server_factors = frozenset()  # the SVD factors live in server.extra at rank R; each client holds its own rank
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 @register
 class FLoRA(Method):
     name = "flora"
+    batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     mixed_ranks = True
     full_update = True
     # A, B: the seeded init, never changed on the server, so every round restarts from it at no cost

@@ -55,6 +55,7 @@ def tail_norm(tensors: dict[str, torch.Tensor], cut: int) -> float:
 @register
 class HetLoRA(Method):
     name = "hetlora"
+    batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     mixed_ranks = True
     server_factors = frozenset()  # A, B live in server.extra at rank R; each client holds its own rank
 

@@ -244,8 +244,7 @@ class Simulation:
         k = self.cfg.train.clients_per_pass
         if k == "auto":
             k = auto_clients_per_pass(self.am.model, self.cfg)
-        if k > 1 and (self.method.pooled or not self.method.batchable or self.method.mixed_ranks
-                      or self.method.full_update or self.method.dual or not head_is_stackable(self.am)):
+        if k > 1 and (self.method.pooled or not self.method.batchable or not head_is_stackable(self.am)):
             if not self._warned_sequential:
                 log.info("train.clients_per_pass=%d: method %s trains its clients one after another",
                          k, self.method.name)
