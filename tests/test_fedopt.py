@@ -95,6 +95,7 @@ class NoStream:
 
 def quadratic_federation(method, rounds, a, targets, n, steps, lr):
     cfg = build_config({"method": {"name": method}, "partition": {"num_clients": len(a)},
+                        "adapter": {"r": 2, "alpha": 2},  # the rank of Quadratic's layer: uploads are validated at it
                         "federation": {"rounds": rounds},
                         "train": {"optimizer": "sgd", "lr": lr, "local_steps": steps, "max_grad_norm": None}})
     torch.manual_seed(0)
