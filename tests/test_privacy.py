@@ -202,3 +202,22 @@ def test_descriptor_release_clips_and_hides_absent_classes():
     assert float(flat.norm()) <= 1.0 + 1e-6
     draws = torch.stack([privatize(desc, 0.5, 2.0, np.random.default_rng(i))["mean"][1] for i in range(400)])
     assert float(draws.std()) == pytest.approx(0.5 * 2.0, rel=0.1)  # an absent class's row is pure noise
+
+
+def test_mean_ci_and_the_half_claim():
+    gen = torch.Generator().manual_seed(0)
+    v = (torch.rand(40, generator=gen) * 0.2 + 0.4).tolist()  # scores in [0.4, 0.6]
+    m, lo, hi = A.mean_ci(v)
+    assert lo < m < hi and 0.4 < lo and hi < 0.6 and hi - lo < 0.1
+    assert A.mean_ci([0.7]) == (0.7, 0.7, 0.7)
+    fedit = [0.8] * 20 + [0.6] * 20
+    low = [x * 0.2 for x in fedit]  # CE-LoRA at a fifth of FedIT on every sentence
+    r, lo, hi = A.ratio_ci(low, fedit)
+    assert r == pytest.approx(0.2) and A.verdict(hi, lo) == "holds"
+    r, lo, hi = A.ratio_ci([x * 0.9 for x in fedit], fedit)
+    assert A.verdict(hi, lo) == "does not hold"
+    noisy = [0.0, 0.9] * 3  # 6 sentences, ratio 0.45 but far too few to settle it
+    r, lo, hi = A.ratio_ci(noisy, [1.0] * 6)
+    assert r == pytest.approx(0.45) and A.verdict(hi, lo) == "not settled"
+    with pytest.raises(ValueError, match="same sentences"):
+        A.ratio_ci([0.1], [0.1, 0.2])

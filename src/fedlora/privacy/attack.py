@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..adapters import AdaptedModel, factor_of
 from ..federation import ClientState, Download, apply_download
 from ..methods import Method
-from ..seeding import torch_generator
+from ..seeding import rng, torch_generator
 from ..train import _lr
 
 FULL = "full"  # the full fine-tuning reference "method"
@@ -397,12 +397,56 @@ def score(tokenizer, pred_ids: torch.Tensor, true_ids: torch.Tensor, mask: torch
     return {"precision": p, "recall": r, "f1": f1, "rouge_l": sum(rouge) / max(1, len(rouge))}
 
 
+def mean_ci(values, level: float = 0.95, seed: int = 0, resamples: int = 2000) -> tuple[float, float, float]:
+    """The mean of per-sentence scores and its percentile-bootstrap confidence interval (mean, lo, hi)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2 or np.ptp(v) == 0:  # a single value or all equal: no spread to resample
+        return float(v.mean()), float(v.mean()), float(v.mean())
+    ci = bootstrap((v,), np.mean, confidence_level=level, n_resamples=resamples, method="percentile",
+                   rng=rng("bootstrap", seed, len(v))).confidence_interval
+    return float(v.mean()), float(ci.low), float(ci.high)
+
+
+def ratio_ci(num, den, level: float = 0.95, seed: int = 0,
+             resamples: int = 2000) -> tuple[float, float, float]:
+    """mean(num) / mean(den) over the same sentences (paired), with a paired percentile-bootstrap interval."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if len(a) != len(b):
+        raise ValueError(f"ratio_ci: {len(a)} and {len(b)} scores; the ratio is over the same sentences")
+    if b.mean() == 0:
+        return float("inf"), float("inf"), float("inf")
+    r = float(a.mean() / b.mean())
+    if len(a) < 2:
+        return r, r, r
+
+    def stat(x, y, axis=-1):
+        return x.mean(axis) / np.maximum(y.mean(axis), 1e-12)
+
+    ci = bootstrap((a, b), stat, paired=True, vectorized=True, confidence_level=level, n_resamples=resamples,
+                   method="percentile", rng=rng("bootstrap", seed, len(a), 1)).confidence_interval
+    return r, float(ci.low), float(ci.high)
+
+
+def verdict(ratio_hi: float, ratio_lo: float, bound: float = 0.5) -> str:
+    """'holds' when the whole interval of the ratio is at most `bound`, 'does not hold' when it is above, else
+    'not settled'."""
+    if ratio_hi <= bound:
+        return "holds"
+    return "does not hold" if ratio_lo > bound else "not settled"
+
+
 # ------------------------------------------------------------------ one experiment on a Simulation
 
 
 def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size: int = 1, batch_index: int = 0,
                   optimizer: str = "sgd", steps: int = 500, lr: float = 0.1, restarts: int = 1,
-                  vocab: torch.Tensor | None = None, seed: int = 0) -> dict:
+                  vocab: torch.Tensor | None = None, seed: int = 0, search: int = 30) -> dict:
     """Attack client `cid`'s round-1 upload of one step on rows [batch_index·b, (batch_index+1)·b) of its
     training data; `method_name` None (or "full") attacks the full fine-tuning reference with the run's
     model. Returns the metrics with the decoded and true texts."""
@@ -421,7 +465,8 @@ def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size:
     snapshot = sim.am.get_state()
     try:
         obs = client_step(sim.am, method, sim.clients[cid], dl, batch, sim.cfg.train, optimizer)
-        res = invert(sim.am, obs, method, steps=steps, lr=lr, restarts=restarts, seed=seed, vocab=vocab)
+        res = invert(sim.am, obs, method, steps=steps, lr=lr, restarts=restarts, seed=seed, vocab=vocab,
+                     search=search)
     finally:
         sim.am.set_state(snapshot)
     m = score(sim.tokenizer, res.ids, obs.true_ids, obs.attention_mask)
