@@ -191,7 +191,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--sentences", type=int, default=None,
                     help="batches attacked per method and batch size, the same for every method (default 20)")
-    ap.add_argument("--attack-steps", type=int, default=None, help="inversion steps (default 200)")
+    ap.add_argument("--attack-steps", type=int, default=None, help="inversion steps (default 200; 0: closed form and search only)")
     ap.add_argument("--search", type=int, default=None, help="discrete search proposals per batch (default 30)")
     ap.add_argument("--warm", type=int, default=2, help="rounds trained before the attacked round")
     ap.add_argument("--dp-methods", default=",".join(DP_METHODS))
@@ -206,7 +206,7 @@ def main() -> None:
     args = ap.parse_args()
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.sentences = args.sentences or (2 if args.quick else 20)
-    args.attack_steps = args.attack_steps or (10 if args.quick else 200)
+    args.attack_steps = args.attack_steps if args.attack_steps is not None else (10 if args.quick else 200)
     args.search = args.search if args.search is not None else (3 if args.quick else 30)
     args.rounds, args.steps = args.rounds or (2 if args.quick else 4), args.steps or (2 if args.quick else 5)
     if args.quick:
