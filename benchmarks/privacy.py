@@ -191,7 +191,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--sentences", type=int, default=None,
                     help="batches attacked per method and batch size, the same for every method (default 20)")
-    ap.add_argument("--attack-steps", type=int, default=None, help="inversion steps (default 200; 0: closed form and search only)")
+    ap.add_argument("--attack-steps", type=int, default=None,
+                    help="inversion steps (default 200; 0: closed form and search only)")
     ap.add_argument("--search", type=int, default=None, help="discrete search proposals per batch (default 30)")
     ap.add_argument("--warm", type=int, default=2, help="rounds trained before the attacked round")
     ap.add_argument("--dp-methods", default=",".join(DP_METHODS))

@@ -323,7 +323,7 @@ def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, ste
             y.requires_grad_(label is None)
             opt = torch.optim.Adam([x], lr=lr * scale)
             ylr = torch.optim.Adam([y], lr=lr)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
             for _ in range(steps):
                 out = am.model(inputs_embeds=x, attention_mask=mask).logits
                 ce = _soft_ce(out, F.softmax(y, -1))
