@@ -2,11 +2,15 @@
 
 Part 1, token recovery. MiniLM-L6 on `rt-sentiment`. Each method first trains `--warm` rounds
 (so that B != 0 and every factor has a gradient: at LoRA's init B = 0, A's gradient is exactly 0),
-then the server attacks client 0's next upload: one SGD step on one batch of its training data,
-inverted from exactly the tensors the method uploads (FedIT: A, B + head; FFA-LoRA and RoLoRA's
-odd rounds: B + head; FedSA: A; CE-LoRA: C), and from the full fine-tuning gradient of every base
-weight (the most leaky reference). The attacker decodes among the task's tokens (a domain prior).
-Token F1 and ROUGE-L are averaged over `--batches` batches per batch size.
+then the server attacks the next upload of `--sentences` batches (the same training rows for every
+method, round-robin over the clients): one SGD step on one batch, inverted from exactly the tensors
+the method uploads (FedIT: A, B + head; FFA-LoRA and RoLoRA's odd rounds: B + head; FedSA: A;
+CE-LoRA: C), and from the full fine-tuning update of every base weight, word embeddings included
+(the most leaky reference: its word-embedding rows give the bag of tokens exactly). The attacker
+decodes adapter uploads among the task's tokens (a domain prior). Token F1 and ROUGE-L at batch 1
+and 4: mean over the sentences with a 95 % percentile-bootstrap interval; CE-LoRA's claim (its
+leakage <= 1/2 of FedIT's) is the paired ratio of means with its bootstrap interval: "holds" only if
+the whole interval is <= 0.5, "does not hold" if it is all above, else "not settled".
 
 Part 2, accuracy vs epsilon. FedIT, FFA-LoRA, RoLoRA, CE-LoRA with local DP (each client clips its
 upload's delta to S and adds N(0, (sigma S)^2)), sigma in --sigmas; S per method is the median
@@ -33,7 +37,7 @@ from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, w
 
 from fedlora.config import build_config
 from fedlora.federation import apply_download, client_fit
-from fedlora.privacy.attack import attack_client
+from fedlora.privacy.attack import attack_client, mean_ci, ratio_ci, verdict
 from fedlora.privacy.dp import delta_norm
 from fedlora.runtime.simulation import Simulation
 
@@ -54,6 +58,20 @@ def base(quick: bool, method: str, rounds: int, steps: int, clients: int = 10) -
             "output": {"save_client_states": False}}
 
 
+def sentences(sim, b: int, n: int) -> list[tuple[int, int]]:
+    """n batches of b training rows, (client, batch index), round-robin over the clients that have the rows;
+    the split does not depend on the method, so every method is attacked on the same sentences (paired)."""
+    picks, k = [], 0
+    while len(picks) < n and k < n * len(sim.client_train) + len(sim.client_train):
+        cid, idx = k % len(sim.client_train), k // len(sim.client_train)
+        if (idx + 1) * b <= len(sim.client_train[cid]):
+            picks.append((cid, idx))
+        k += 1
+    if len(picks) < n:
+        raise ValueError(f"privacy: only {len(picks)} batches of {b} rows in the clients' training data, want {n}")
+    return picks
+
+
 def token_recovery(args, out: Path) -> list[dict]:
     rows = []
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -65,15 +83,36 @@ def token_recovery(args, out: Path) -> list[dict]:
         vocab = torch.unique(torch.cat([d.input_ids.flatten() for d in sim.client_train]))
         for b in sizes:
             start = time.perf_counter()
-            runs = [attack_client(sim, m, 0, b, i, "sgd", args.attack_steps, vocab=vocab, seed=i)
-                    for i in range(args.batches)]
-            row = {"method": m, "batch_size": b, "batches": len(runs), "observed_numbers": runs[0]["observed_numbers"],
-                   "wall_s": time.perf_counter() - start, "example": {"true": runs[0]["true"][0],
-                                                                      "decoded": runs[0]["decoded"][0]}}
-            row |= {k: float(np.mean([r[k] for r in runs])) for k in ("precision", "recall", "f1", "rouge_l")}
+            runs = [attack_client(sim, m, cid, b, idx, "sgd", args.attack_steps, vocab=vocab, seed=k,
+                                  search=args.search)
+                    for k, (cid, idx) in enumerate(sentences(sim, b, args.sentences))]
+            row = {"method": m, "batch_size": b, "sentences": len(runs),
+                   "observed_numbers": runs[0]["observed_numbers"], "wall_s": time.perf_counter() - start,
+                   "example": {"true": runs[0]["true"][0], "decoded": runs[0]["decoded"][0]}}
+            for k in ("precision", "recall", "f1", "rouge_l"):
+                per = [r[k] for r in runs]
+                row[k], row[f"{k}_lo"], row[f"{k}_hi"] = mean_ci(per)
+                row[f"{k}_each"] = per
             rows.append(row)
-            print(f"  attack {m} b={b}: F1 {row['f1']:.3f} ({row['wall_s']:.0f} s)", flush=True)
+            print(f"  attack {m} b={b}: F1 {row['f1']:.3f} [{row['f1_lo']:.3f}, {row['f1_hi']:.3f}], ROUGE-L "
+                  f"{row['rouge_l']:.3f} ({row['wall_s']:.0f} s)", flush=True)
     return rows
+
+
+def celora_claim(rec: list[dict]) -> list[dict]:
+    """CE-LoRA's claim: its leakage is at most half of FedIT's, per batch size and metric, on the same
+    sentences; 'holds' only if the whole 95 % interval of the ratio is at most 0.5."""
+    out = []
+    for b in sorted({r["batch_size"] for r in rec}):
+        got = {r["method"]: r for r in rec if r["batch_size"] == b}
+        if not {"celora", "fedit"} <= set(got):
+            continue
+        for k in ("f1", "rouge_l"):
+            ratio, lo, hi = ratio_ci(got["celora"][f"{k}_each"], got["fedit"][f"{k}_each"])
+            out.append({"batch_size": b, "metric": k, "celora": got["celora"][k], "fedit": got["fedit"][k],
+                        "ratio": ratio, "ratio_lo": lo, "ratio_hi": hi, "sentences": got["celora"]["sentences"],
+                        "verdict": verdict(hi, lo)})
+    return out
 
 
 def calibrate_clip(cfg: dict, clients: int) -> float:
@@ -127,10 +166,12 @@ def plot(rec: list[dict], dp: list[dict], path: Path) -> None:
     sizes = sorted({r["batch_size"] for r in rec})
     width = 0.8 / max(1, len(sizes))
     for j, b in enumerate(sizes):
-        f1 = [next((r["f1"] for r in rec if r["method"] == m and r["batch_size"] == b), 0.0) for m in methods]
-        ax[0].bar(np.arange(len(methods)) + j * width, f1, width, label=f"batch {b}")
+        got = [next((r for r in rec if r["method"] == m and r["batch_size"] == b), None) for m in methods]
+        f1 = [g["f1"] if g else 0.0 for g in got]
+        err = [[g["f1"] - g["f1_lo"] if g else 0.0 for g in got], [g["f1_hi"] - g["f1"] if g else 0.0 for g in got]]
+        ax[0].bar(np.arange(len(methods)) + j * width, f1, width, yerr=err, capsize=3, label=f"batch {b}")
     ax[0].set_xticks(np.arange(len(methods)) + width * (len(sizes) - 1) / 2, methods)
-    ax[0].set(ylabel="token F1 of the reconstruction", title="gradient inversion on each method's upload")
+    ax[0].set(ylabel="token F1 (mean, 95 % CI)", title="gradient inversion on each method's upload")
     ax[0].legend()
     for m in dict.fromkeys(r["method"] for r in dp):
         pts = sorted((r["epsilon"], r["personal_accuracy"]) for r in dp if r["method"] == m and r["sigma"])
@@ -148,8 +189,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--attack-methods", default=",".join(ATTACKED))
     ap.add_argument("--batch-sizes", default="1,4")
-    ap.add_argument("--batches", type=int, default=None, help="batches attacked per method and size (default 3)")
-    ap.add_argument("--attack-steps", type=int, default=None, help="inversion steps (default 200)")
+    ap.add_argument("--sentences", type=int, default=None,
+                    help="batches attacked per method and batch size, the same for every method (default 20)")
+    ap.add_argument("--attack-steps", type=int, default=None,
+                    help="inversion steps (default 200; 0: closed form and search only)")
+    ap.add_argument("--search", type=int, default=None, help="discrete search proposals per batch (default 30)")
     ap.add_argument("--warm", type=int, default=2, help="rounds trained before the attacked round")
     ap.add_argument("--dp-methods", default=",".join(DP_METHODS))
     ap.add_argument("--sigmas", default="0.05,0.3,2")
@@ -162,8 +206,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.batches = args.batches or (1 if args.quick else 3)
-    args.attack_steps = args.attack_steps or (20 if args.quick else 200)
+    args.sentences = args.sentences or (2 if args.quick else 20)
+    args.attack_steps = args.attack_steps if args.attack_steps is not None else (10 if args.quick else 200)
+    args.search = args.search if args.search is not None else (3 if args.quick else 30)
     args.rounds, args.steps = args.rounds or (2 if args.quick else 4), args.steps or (2 if args.quick else 5)
     if args.quick:
         args.warm, args.sigmas = 1, "1"
@@ -171,7 +216,9 @@ def main() -> None:
     out = Path(args.out) / name
     rec = [] if args.skip == "attack" else token_recovery(args, out)
     dp = [] if args.skip == "dp" else accuracy_vs_epsilon(args, out)
-    write_json(Path(args.out) / f"{name}.json", {"token_recovery": rec, "dp": dp, "attack_steps": args.attack_steps})
+    claim = celora_claim(rec)
+    write_json(Path(args.out) / f"{name}.json", {"token_recovery": rec, "celora_claim": claim, "dp": dp,
+                                                 "attack_steps": args.attack_steps, "search": args.search})
     if rec and dp:
         plot(rec, dp, Path(args.out) / f"{name}.png")
     if dp:
@@ -180,11 +227,18 @@ def main() -> None:
                             ("personal_accuracy", "personalized acc", ".3f"), ("personal_accuracy_std", "± std", ".3f"),
                             ("global_accuracy", "global acc", ".3f"), ("wall_s", "wall s", ".0f")]))
         print()
+    if claim:
+        print(markdown(claim, [("batch_size", "batch", "d"), ("metric", "metric", "s"), ("fedit", "FedIT", ".3f"),
+                               ("celora", "CE-LoRA", ".3f"), ("ratio", "CE-LoRA / FedIT", ".2f"),
+                               ("ratio_lo", "95 % CI lo", ".2f"), ("ratio_hi", "hi", ".2f"),
+                               ("verdict", "<= 1/2 ?", "s")]))
+        print()
     if rec:
         print(markdown(rec, [("method", "upload attacked", "s"), ("batch_size", "batch", "d"),
-                             ("batches", "batches", "d"), ("observed_numbers", "numbers seen", ",d"),
-                             ("precision", "token P", ".3f"), ("recall", "token R", ".3f"), ("f1", "token F1", ".3f"),
-                             ("rouge_l", "ROUGE-L", ".3f"), ("wall_s", "wall s", ".0f")]))
+                             ("sentences", "sentences", "d"), ("observed_numbers", "numbers seen", ",d"),
+                             ("f1", "token F1", ".3f"), ("f1_lo", "95 % CI lo", ".3f"), ("f1_hi", "hi", ".3f"),
+                             ("rouge_l", "ROUGE-L", ".3f"), ("rouge_l_lo", "95 % CI lo", ".3f"),
+                             ("rouge_l_hi", "hi", ".3f"), ("wall_s", "wall s", ".0f")]))
 
 
 if __name__ == "__main__":

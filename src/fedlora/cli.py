@@ -282,6 +282,7 @@ def attack(config: Path = typer.Argument(..., help="YAML config (classification 
            batches: int = typer.Option(4, "--batches", help="batches attacked per batch size (client 0)"),
            steps: int = typer.Option(500, help="inversion optimization steps"),
            optimizer: str = typer.Option("sgd", help="the client's step: sgd | adamw"),
+           search: int = typer.Option(30, help="discrete search proposals on the real-token objective"),
            task_vocab: bool = typer.Option(False, help="decode among the task's tokens only (attacker prior)"),
            out: Path = typer.Option(Path("attack.json"), help="JSON with every batch's metrics"),
            overrides: list[str] = typer.Option([], "--set", help="key=value config overrides")) -> None:
@@ -302,7 +303,8 @@ def attack(config: Path = typer.Argument(..., help="YAML config (classification 
         vocab = torch.unique(torch.cat([d.input_ids.flatten() for d in sim.client_train])) if task_vocab else None
         rows = []
         for b in [int(x) for x in batch_size.split(",") if x.strip()]:
-            runs = [attack_client(sim, method, 0, b, i, optimizer, steps, vocab=vocab, seed=i) for i in range(batches)]
+            runs = [attack_client(sim, method, 0, b, i, optimizer, steps, vocab=vocab, seed=i, search=search)
+                    for i in range(batches)]
             row = {"method": method, "batch_size": b, "batches": len(runs), "runs": runs}
             row |= {k: float(np.mean([r[k] for r in runs])) for k in ("precision", "recall", "f1", "rouge_l")}
             rows.append(row)

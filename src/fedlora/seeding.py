@@ -35,6 +35,8 @@ PURPOSES = frozenset({
     "dp_noise",          # local / central DP noise on uploads
     "descriptor_noise",  # CE-LoRA's private data-descriptor release
     "client_ranks",      # heterogeneous ranks: which client gets which rank
+    "attack",            # the gradient-inversion attack: dummy initialisations and search proposals
+    "bootstrap",         # confidence intervals of benchmark means by bootstrap resampling
 })
 
 

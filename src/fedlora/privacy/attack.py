@@ -1,20 +1,27 @@
 """The honest-but-curious server's gradient-inversion attack on exactly what a method uploads.
 
-Threat model (stated assumptions): the server knows the base model, the round's download (hence the
-client's starting state of every key it uploads), the learning rate of each factor, the batch size,
-the padded sequence length and each row's attention mask (the number of real tokens), and that the
-client took ONE local step on ONE batch. It observes ΔU = upload − download for the uploaded keys
-only (FedIT: A, B [+ head]; FFA / RoLoRA B-round: B [+ head]; FedSA: A; CE-LoRA: C) — or, as the most
-leaky reference, the full fine-tuning update of every base weight except the word embeddings.
+Threat model (stated assumptions): the server knows the base model (architecture and tokenizer), the
+round's download (hence the client's starting state of every key it uploads), the learning rate of each
+factor, the batch size, the padded sequence length and each row's attention mask (the number of real
+tokens), and that the client took ONE local step on ONE batch. It observes ΔU = upload − download for
+the uploaded keys only (FedIT: A, B [+ head]; FFA / RoLoRA B-round: B [+ head]; FedSA: A; CE-LoRA: C) —
+or, as the most leaky reference, the full fine-tuning update of every base weight, word embeddings
+included.
 
     client step (the attack experiment): "sgd":   ΔU = −lr · g               -> target g = −ΔU / lr
                                          "adamw": ΔU ≈ −lr · g / (|g| + eps) (AdamW's first step)
+    closed form (what the upload gives away without optimisation):
+        bag of tokens: the non-zero rows of the word-embedding update (full fine-tuning; exact)
+        placement: word rows = C · position rows (both gradients of the embedding sum), C by least squares
+        label (iDLG): at batch 1 the head bias's gradient softmax(z) − onehot(y) is negative only at y
     inversion (DLG / TAG style): optimize dummy input embeddings x (b × L × hidden, fed via
-        `inputs_embeds`) and soft labels y so that the update they induce through the same step rule
-        matches the observed one:  Σ (1 − cos) + λ_l2 ‖u(x, y) − u_obs‖² / ‖u_obs‖²
+        `inputs_embeds`; initialised from the bag when known) and soft labels y so that the update they
+        induce through the same step rule matches the observed one:
+        Σ (1 − cos) + λ_l2 ‖u(x, y) − u_obs‖² / ‖u_obs‖²
     decoding: each position goes to the token whose embedding-layer output (word + position + type,
-        LayerNorm) is nearest in cosine to the dummy's; for a model whose embedding layer is the
-        word embedding alone, nearest word embedding in cosine.
+        LayerNorm) is nearest in cosine to the dummy's — among the bag, each bag token placed at least
+        once, when the bag is known; then (LAMP style) the candidates are scored by the same objective
+        on real tokens and the best is refined by discrete swap / replace proposals.
 Metrics: bag-of-tokens precision / recall / F1 (special and pad tokens excluded) and ROUGE-L of the
 decoded text against the true text. Classification models only (a causal LM is not supported here).
 """
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 from ..adapters import AdaptedModel, factor_of
 from ..federation import ClientState, Download, apply_download
 from ..methods import Method
+from ..seeding import rng, torch_generator
 from ..train import _lr
 
 FULL = "full"  # the full fine-tuning reference "method"
@@ -61,12 +69,14 @@ class AttackResult:
 # ------------------------------------------------------------------ which tensors are observed
 
 
-def full_params(am: AdaptedModel) -> dict[str, torch.nn.Parameter]:
-    """Every base weight except the word embeddings (dummy inputs enter through `inputs_embeds`, so that
-    gradient is not matchable) and the adapters' own factors."""
+def word_embedding_key(am: AdaptedModel) -> str:
     emb = am.model.get_input_embeddings().weight
-    return {n: p for n, p in am.model.named_parameters()
-            if p is not emb and not n.endswith((".A", ".B", ".C"))}
+    return next(n for n, p in am.model.named_parameters() if p is emb)
+
+
+def full_params(am: AdaptedModel) -> dict[str, torch.nn.Parameter]:
+    """Every base weight, the word embeddings included, except the adapters' own factors."""
+    return {n: p for n, p in am.model.named_parameters() if not n.endswith((".A", ".B", ".C"))}
 
 
 def observed_params(am: AdaptedModel, method: Method | None, t: int) -> dict[str, torch.nn.Parameter]:
@@ -116,6 +126,7 @@ def client_step(am: AdaptedModel, method: Method | None, state: ClientState, dl:
     for p in train.values():
         p.requires_grad_(True)
     am.model.eval()  # no dropout: the server's replay must be deterministic
+    opt.zero_grad(set_to_none=True)  # a stale .grad would be added to this step's gradient
     am.model(**batch).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -130,6 +141,48 @@ def client_step(am: AdaptedModel, method: Method | None, state: ClientState, dl:
                        method.name if method is not None else FULL, t)
 
 
+# ------------------------------------------------------------------ what the upload gives away in closed form
+
+
+def bag_of_tokens(am: AdaptedModel, obs: Observation) -> torch.Tensor | None:
+    """The set of token ids in the batch: the non-zero rows of the word-embedding update. Exact under SGD and
+    AdamW's first step (a row that no token of the batch uses has gradient exactly 0, so its update is exactly
+    0). None when the word embeddings are not uploaded (every adapter method)."""
+    d = obs.delta.get(word_embedding_key(am))
+    if d is None:
+        return None
+    return torch.nonzero(d.abs().sum(-1) > 0).flatten()
+
+
+def position_scores(am: AdaptedModel, obs: Observation, bag: torch.Tensor) -> torch.Tensor | None:
+    """(L, |bag|): how much of each bag token's word-embedding update each position's update explains. Both are
+    gradients of the same embedding sum (word + position + type): token v's word row is the sum of the
+    gradients at the positions where v sits, position p's row the sum over the batch's rows at p. At batch 1
+    under SGD, word rows = C · position rows with C (|bag| × L) 0/1 and one 1 per real position, so the
+    least-squares C is that placement exactly (repeats included); otherwise it is a score. None without an
+    uploaded absolute position embedding."""
+    key = next((k for k in obs.delta if k.endswith("position_embeddings.weight")), None)
+    if key is None:
+        return None
+    seq = obs.attention_mask.shape[1]
+    pos = obs.delta[key][:seq].double()  # (L, h)
+    word = obs.delta[word_embedding_key(am)][bag].double()  # (|bag|, h)
+    return torch.linalg.lstsq(pos.T, word.T, driver="gelsd").solution.float()  # (L, |bag|)
+
+
+def head_label(am: AdaptedModel, obs: Observation) -> int | None:
+    """iDLG: at batch 1 the gradient of the classifier's output bias is softmax(z) − onehot(y), negative only
+    at the label, and the update is −lr times it (SGD) or its sign (AdamW): the label is the bias entry that
+    grew most. None at batch > 1 or when no head bias is uploaded."""
+    if obs.attention_mask.shape[0] != 1:
+        return None
+    heads = set(am.keys({"head"}))
+    for k, d in obs.delta.items():
+        if k in heads and k.endswith("bias") and d.numel() == obs.num_labels:
+            return int(d.argmax())
+    return None
+
+
 # ------------------------------------------------------------------ the inversion
 
 
@@ -142,26 +195,42 @@ def _embedding_out(model, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(am: AdaptedModel, x: torch.Tensor, vocab: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
-    """Nearest token (cosine, in the embedding layer's output space) at each position of x (b × L × h)."""
+def similarity(am: AdaptedModel, x: torch.Tensor, cand: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(b, L, n) cosine, in the embedding layer's output space, between the dummy x (b × L × h) at each
+    position and each candidate token placed at that position; for a model whose embedding layer is the word
+    embedding alone, cosine between word embeddings."""
     model = am.model
     words = model.get_input_embeddings().weight
-    ids = torch.arange(words.shape[0]) if vocab is None else vocab
-    b, seq, _ = x.shape
+    seq = x.shape[1]
     target = F.normalize(_embedding_out(model, x), dim=-1)  # (b, L, h)
-    best = torch.full((b, seq), -2.0)
-    best_id = torch.zeros(b, seq, dtype=torch.long)
-    for i in range(0, len(ids), chunk):
-        cand = ids[i:i + chunk]
-        # each candidate at every position: (n, L, h) through the embedding layer
-        e = words[cand][:, None, :].expand(-1, seq, -1)
+    sims = []
+    for i in range(0, len(cand), chunk):
+        e = words[cand[i:i + chunk]][:, None, :].expand(-1, seq, -1)  # each candidate at every position
         out = F.normalize(_embedding_out(model, e), dim=-1)  # (n, L, h)
-        sim = torch.einsum("blh,nlh->bln", target, out)
-        val, arg = sim.max(-1)
-        better = val > best
-        best = torch.where(better, val, best)
-        best_id = torch.where(better, cand[arg], best_id)
-    return best_id
+        sims.append(torch.einsum("blh,nlh->bln", target, out))
+    return torch.cat(sims, dim=-1)
+
+
+def decode(am: AdaptedModel, x: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """Nearest token (cosine, in the embedding layer's output space) at each position of x (b × L × h)."""
+    cand = torch.arange(am.model.get_input_embeddings().weight.shape[0]) if vocab is None else vocab
+    return cand[similarity(am, x, cand).argmax(-1)]
+
+
+def place_bag(score: torch.Tensor, bag: torch.Tensor, mask: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Token ids (b, L) from per-position scores of the bag's tokens (b, L, |bag|): the bag is exact, so every
+    token is placed at least once (a maximum-score matching of tokens to positions), and each remaining
+    position takes its best-scoring token (the repeats). Padding positions get `pad_id`."""
+    from scipy.optimize import linear_sum_assignment
+
+    real = mask.bool()
+    s = score[real]  # (P, |bag|), positions in row-major order
+    choice = s.argmax(-1)
+    rows, cols = linear_sum_assignment(s.double().numpy(), maximize=True)
+    choice[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
+    ids = torch.full(mask.shape, pad_id, dtype=torch.long)
+    ids[real] = bag[choice]
+    return ids
 
 
 def _induced(grads: list[torch.Tensor], lrs: list[float], optimizer: str, eps: float) -> list[torch.Tensor]:
@@ -170,77 +239,136 @@ def _induced(grads: list[torch.Tensor], lrs: list[float], optimizer: str, eps: f
     return [-lr * g / (g.abs() + eps) for g, lr in zip(grads, lrs, strict=True)]
 
 
+def _mismatch(ind: list[torch.Tensor], target: list[torch.Tensor], l2_weight: float,
+              key_weight: float) -> torch.Tensor:
+    """Σ (1 − cos) over all keys together and per key, + λ_l2 ‖u − u_obs‖² / ‖u_obs‖²."""
+    d_flat = torch.cat([v.flatten() for v in ind])
+    t_flat = torch.cat([v.flatten() for v in target])
+    cos = F.cosine_similarity(d_flat, t_flat, dim=0)
+    per_key = sum(1 - F.cosine_similarity(a.flatten(), c.flatten(), dim=0, eps=1e-12)
+                  for a, c in zip(ind, target, strict=True)) / len(ind)
+    l2 = (d_flat - t_flat).pow(2).sum() / t_flat.pow(2).sum().clamp_min(1e-30)
+    return (1 - cos) + key_weight * per_key + l2_weight * l2
+
+
 def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, steps: int = 500, lr: float = 0.1,
            l2_weight: float = 1.0, key_weight: float = 1.0, min_rel_update: float = 0.0, restarts: int = 1,
-           seed: int = 0, vocab: torch.Tensor | None = None,
-           init_scale: float | None = None) -> AttackResult:
+           seed: int = 0, vocab: torch.Tensor | None = None, init_scale: float | None = None,
+           search: int = 30, use_bag: bool = True) -> AttackResult:
     """Reconstruct the batch from `obs` (only the keys the method uploads). The model must hold the
-    client's starting state (the download applied), as after `client_step`."""
+    client's starting state (the download applied), as after `client_step`.
+
+    1. closed form: the bag of tokens from the word-embedding update (FULL only), the batch-1 label from the
+       head's bias (when uploaded), position-to-token scores from the position-embedding update (FULL);
+    2. TAG-style continuous matching of dummy input embeddings, `restarts` times (initialised from the bag
+       when known), each decoded — among the bag, every bag token placed once at least — to token ids;
+    3. the decoded candidates (and the position-score placement) are scored by the gradient-matching
+       objective of the real tokens (now the word-embedding update is matched too); the best is improved by
+       `search` LAMP-style discrete proposals (swap two positions, or replace one token from the alphabet),
+       each kept if it lowers that objective. The result is the lowest objective found."""
     check_keys(am, method, obs.round, obs.delta)
     params = dict(am.model.named_parameters()) | am._params
+    emb_key = word_embedding_key(am)
     # keys whose update is below float32 resolution of the weight carry rounding noise, not signal
     # (e.g. attention key biases, whose gradient is exactly 0): left out of the objective
     keys = [k for k in sorted(obs.delta)
             if float(obs.delta[k].norm()) > min_rel_update * max(float(params[k].detach().norm()), 1e-12)]
-    if not keys:
+    # dummies enter through `inputs_embeds`, so the continuous stage cannot match the word-embedding update
+    cont_keys = [k for k in keys if k != emb_key]
+    if not cont_keys:
         raise ValueError("attack: every observed update is below the weights' float32 resolution")
-    ps = [params[k] for k in keys]
-    lrs = [obs.lr[k] for k in keys]
-    target = [obs.delta[k] for k in keys]
-    t_flat = torch.cat([v.flatten() for v in target])
-    t_norm2 = t_flat.pow(2).sum().clamp_min(1e-30)
-    # AdamW: a smooth sign; eps relative to the typical gradient magnitude the attacker can guess from ΔU
-    eps = 1e-3
+    eps = 1e-3  # AdamW: a smooth sign
     mask = obs.attention_mask
     b, seq = mask.shape
     words = am.model.get_input_embeddings().weight.detach()
     scale = float(words.std()) if init_scale is None else init_scale
     hidden = words.shape[1]
+    pad_id = getattr(am.model.config, "pad_token_id", None) or 0
+    bag = bag_of_tokens(am, obs) if use_bag else None
+    alphabet = bag if bag is not None else (vocab if vocab is not None else torch.arange(words.shape[0]))
+    label = head_label(am, obs)
     am.model.eval()
     # double backward (the gradient of a gradient) is not implemented for the fused SDPA kernels
     attn = getattr(am.model.config, "_attn_implementation", None)
     if attn not in (None, "eager"):
         am.model.set_attn_implementation("eager")
-    saved_rg = [p.requires_grad for p in ps]
-    for p in ps:
+    all_ps = [params[k] for k in keys]
+    saved_rg = [p.requires_grad for p in all_ps]
+    for p in all_ps:
         p.requires_grad_(True)
-    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    ps = [params[k] for k in cont_keys]
+    lrs = [obs.lr[k] for k in cont_keys]
+    target = [obs.delta[k] for k in cont_keys]
+
+    def discrete(ids: torch.Tensor, soft: torch.Tensor) -> float:
+        """The matching objective of real tokens ids, on every usable observed key."""
+        out = am.model(input_ids=ids, attention_mask=mask).logits
+        grads = torch.autograd.grad(_soft_ce(out, soft), all_ps, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, all_ps, strict=True)]
+        ind = _induced(grads, [obs.lr[k] for k in keys], obs.optimizer, eps)
+        return float(_mismatch(ind, [obs.delta[k] for k in keys], l2_weight, key_weight))
+
+    candidates = []  # (ids, soft labels)
     try:
         for r in range(restarts):
-            gen = torch.Generator().manual_seed(seed * 1000 + r)
-            x = (torch.randn(b, seq, hidden, generator=gen) * scale).requires_grad_(True)
-            y = torch.zeros(b, obs.num_labels).requires_grad_(True)
+            gen = torch_generator("attack", seed, r)
+            if bag is not None:  # start from the exact tokens in a random arrangement
+                x0 = words[bag[torch.randint(len(bag), (b, seq), generator=gen)]].clone()
+            else:
+                x0 = torch.randn(b, seq, hidden, generator=gen) * scale
+            x = x0.requires_grad_(True)
+            y = torch.zeros(b, obs.num_labels)
+            if label is not None:
+                y[0, label] = 30.0  # known: a fixed one-hot
+            y.requires_grad_(label is None)
             opt = torch.optim.Adam([x], lr=lr * scale)
             ylr = torch.optim.Adam([y], lr=lr)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-            loss_v = float("inf")
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
             for _ in range(steps):
                 out = am.model(inputs_embeds=x, attention_mask=mask).logits
                 ce = _soft_ce(out, F.softmax(y, -1))
                 grads = torch.autograd.grad(ce, ps, create_graph=True)
-                ind = _induced(list(grads), lrs, obs.optimizer, eps)
-                d_flat = torch.cat([v.flatten() for v in ind])
-                cos = F.cosine_similarity(d_flat, t_flat, dim=0)
-                per_key = sum(1 - F.cosine_similarity(a.flatten(), c.flatten(), dim=0, eps=1e-12)
-                              for a, c in zip(ind, target, strict=True)) / len(keys)
-                loss = (1 - cos) + key_weight * per_key + l2_weight * (d_flat - t_flat).pow(2).sum() / t_norm2
-                opt.zero_grad()
-                ylr.zero_grad()
-                loss.backward()
+                loss = _mismatch(_induced(list(grads), lrs, obs.optimizer, eps), target, l2_weight, key_weight)
+                # only the dummies' gradients: loss.backward() would also fill the weights' .grad
+                free = [x] if label is not None else [x, y]
+                for v, g in zip(free, torch.autograd.grad(loss, free), strict=True):
+                    v.grad = g
                 opt.step()
-                ylr.step()
+                if label is None:
+                    ylr.step()
                 sched.step()
-                loss_v = float(loss.detach())
-            if best is None or loss_v < best[0]:
-                best = (loss_v, x.detach().clone(), y.detach().clone())
+            soft = F.softmax(y.detach(), -1)
+            if bag is not None:
+                ids = place_bag(similarity(am, x.detach(), bag), bag, mask, pad_id)
+            else:
+                ids = decode(am, x.detach(), vocab)
+            candidates.append((ids, soft))
+        if bag is not None and (pos := position_scores(am, obs, bag)) is not None:
+            soft = candidates[0][1] if candidates else F.one_hot(torch.tensor([label or 0] * b), obs.num_labels).float()
+            candidates.append((place_bag(pos.expand(b, -1, -1), bag, mask, pad_id), soft))
+        scored = [(discrete(ids, soft), ids, soft) for ids, soft in candidates]
+        best_v, ids, soft = min(scored, key=lambda c: c[0])
+        # LAMP-style discrete search on the objective of real tokens
+        gen = torch_generator("attack", seed, restarts)
+        real = mask.bool().nonzero()  # (P, 2)
+        for _ in range(search if len(real) > 1 else 0):
+            i, j = real[torch.randperm(len(real), generator=gen)[:2]]
+            cand = ids.clone()
+            if torch.rand(1, generator=gen) < 0.5:
+                cand[i[0], i[1]], cand[j[0], j[1]] = ids[j[0], j[1]], ids[i[0], i[1]]
+            else:
+                cand[i[0], i[1]] = alphabet[torch.randint(len(alphabet), (1,), generator=gen)]
+            if torch.equal(cand, ids):
+                continue
+            v = discrete(cand, soft)
+            if v < best_v:
+                best_v, ids = v, cand
     finally:
-        for p, rg in zip(ps, saved_rg, strict=True):
+        for p, rg in zip(all_ps, saved_rg, strict=True):
             p.requires_grad_(rg)
         if attn not in (None, "eager"):
             am.model.set_attn_implementation(attn)
-    loss_v, x, y = best
-    ids = decode(am, x, vocab)
-    return AttackResult(ids, y.argmax(-1), loss_v)
+    return AttackResult(ids, soft.argmax(-1), best_v)
 
 
 # ------------------------------------------------------------------ metrics
@@ -269,12 +397,56 @@ def score(tokenizer, pred_ids: torch.Tensor, true_ids: torch.Tensor, mask: torch
     return {"precision": p, "recall": r, "f1": f1, "rouge_l": sum(rouge) / max(1, len(rouge))}
 
 
+def mean_ci(values, level: float = 0.95, seed: int = 0, resamples: int = 2000) -> tuple[float, float, float]:
+    """The mean of per-sentence scores and its percentile-bootstrap confidence interval (mean, lo, hi)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2 or np.ptp(v) == 0:  # a single value or all equal: no spread to resample
+        return float(v.mean()), float(v.mean()), float(v.mean())
+    ci = bootstrap((v,), np.mean, confidence_level=level, n_resamples=resamples, method="percentile",
+                   rng=rng("bootstrap", seed, len(v))).confidence_interval
+    return float(v.mean()), float(ci.low), float(ci.high)
+
+
+def ratio_ci(num, den, level: float = 0.95, seed: int = 0,
+             resamples: int = 2000) -> tuple[float, float, float]:
+    """mean(num) / mean(den) over the same sentences (paired), with a paired percentile-bootstrap interval."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if len(a) != len(b):
+        raise ValueError(f"ratio_ci: {len(a)} and {len(b)} scores; the ratio is over the same sentences")
+    if b.mean() == 0:
+        return float("inf"), float("inf"), float("inf")
+    r = float(a.mean() / b.mean())
+    if len(a) < 2:
+        return r, r, r
+
+    def stat(x, y, axis=-1):
+        return x.mean(axis) / np.maximum(y.mean(axis), 1e-12)
+
+    ci = bootstrap((a, b), stat, paired=True, vectorized=True, confidence_level=level, n_resamples=resamples,
+                   method="percentile", rng=rng("bootstrap", seed, len(a), 1)).confidence_interval
+    return r, float(ci.low), float(ci.high)
+
+
+def verdict(ratio_hi: float, ratio_lo: float, bound: float = 0.5) -> str:
+    """'holds' when the whole interval of the ratio is at most `bound`, 'does not hold' when it is above, else
+    'not settled'."""
+    if ratio_hi <= bound:
+        return "holds"
+    return "does not hold" if ratio_lo > bound else "not settled"
+
+
 # ------------------------------------------------------------------ one experiment on a Simulation
 
 
 def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size: int = 1, batch_index: int = 0,
                   optimizer: str = "sgd", steps: int = 500, lr: float = 0.1, restarts: int = 1,
-                  vocab: torch.Tensor | None = None, seed: int = 0) -> dict:
+                  vocab: torch.Tensor | None = None, seed: int = 0, search: int = 30) -> dict:
     """Attack client `cid`'s round-1 upload of one step on rows [batch_index·b, (batch_index+1)·b) of its
     training data; `method_name` None (or "full") attacks the full fine-tuning reference with the run's
     model. Returns the metrics with the decoded and true texts."""
@@ -293,7 +465,8 @@ def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size:
     snapshot = sim.am.get_state()
     try:
         obs = client_step(sim.am, method, sim.clients[cid], dl, batch, sim.cfg.train, optimizer)
-        res = invert(sim.am, obs, method, steps=steps, lr=lr, restarts=restarts, seed=seed, vocab=vocab)
+        res = invert(sim.am, obs, method, steps=steps, lr=lr, restarts=restarts, seed=seed, vocab=vocab,
+                     search=search)
     finally:
         sim.am.set_state(snapshot)
     m = score(sim.tokenizer, res.ids, obs.true_ids, obs.attention_mask)
