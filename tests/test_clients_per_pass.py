@@ -170,7 +170,8 @@ def test_with_dropout_a_batched_run_is_deterministic_and_resumes_bit_exact(tmp_p
                                               federation={"rounds": 4, "clients_per_round": 4, "dropout_rate": 0.2},
                                               train={"local_steps": 2, "batch_size": 8})), tmp_path / "s")
     seq.run()
-    assert seq.history[0]["train_loss"] != a.history[0]["train_loss"]
+    # (a round whose pass holds one client draws that client's own stream, as sequentially: compare all rounds)
+    assert [r["train_loss"] for r in seq.history] != [r["train_loss"] for r in a.history]
 
 
 def test_clients_per_pass_config():
