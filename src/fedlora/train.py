@@ -56,7 +56,7 @@ def local_train(am: AdaptedModel, data: Examples, stream: BatchStream, factors: 
     params = [p for g in groups for p in g["params"]]
     named = dict(zip(am.keys(factors), am.parameters(factors), strict=True))
     lrs = {k: _lr(factor_of(k), cfg) for k in named}
-    if cfg.optimizer == "sgd":
+    if getattr(cfg, "optimizer", "adamw") == "sgd":  # a bare TrainConfig-like object (throughput, gpu_check): AdamW
         opt = torch.optim.SGD(groups, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
