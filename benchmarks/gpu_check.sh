@@ -35,6 +35,12 @@ if "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   # CPU arms at 8 threads on the GPU host; each stage bounded so that the whole stays under 10 minutes
   timeout 390 "$py" benchmarks/throughput.py --out "$out" --threads 8 || { echo "throughput.py: rc $?"; status=1; }
   timeout 150 "$py" benchmarks/qlora_smoke.py --out "$out" || { echo "qlora_smoke.py: rc $?"; status=1; }
+  # 3. K clients per batched pass (train.clients_per_pass) vs K = 1, MiniLM, 20 clients (target: >= 8x at K = 20).
+  #    Off by default (stages 1-2 fill the 10 minutes); GPU_CHECK_KPASS=1 runs it, about 2 minutes more.
+  if [ "${GPU_CHECK_KPASS:-0}" = 1 ]; then
+    timeout 180 "$py" benchmarks/throughput.py --out "$out/kpass" --models minilm --clients 20 --repeats 2 \
+      --arms cuda-fp32,cuda-fp32-k4,cuda-fp32-k8,cuda-fp32-k20 || { echo "throughput.py (K): rc $?"; status=1; }
+  fi
 else
   echo "no CUDA device: CPU fallback"
   timeout 300 "$py" benchmarks/throughput.py --quick --models minilm --out "$out" || { echo "throughput.py: rc $?"; status=1; }

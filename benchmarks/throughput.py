@@ -13,6 +13,8 @@ so `benchmarks/gpu_check.sh` runs it on a bare GPU machine.
     PYTHONPATH=src python benchmarks/throughput.py              # CPU rows at full size (a few minutes)
     PYTHONPATH=src python benchmarks/throughput.py --quick      # 2-layer shapes, seconds (the test suite)
     PYTHONPATH=src python benchmarks/throughput.py --models smollm2 --arms cuda-fp32,cuda-bf16
+    PYTHONPATH=src python benchmarks/throughput.py --models minilm --clients 20 \
+        --arms cuda-fp32,cuda-fp32-k4,cuda-fp32-k8,cuda-fp32-k20    # K clients per batched pass vs K = 1
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from fedlora.adapters import AdaptedModel, inject_adapters
 from fedlora.compute import native_bf16_cpu
-from fedlora.train import evaluate, evaluate_lm, local_train
+from fedlora.train import evaluate, evaluate_lm, local_train, local_train_stacked
 
 # all-MiniLM-L6-v2 and SmolLM2-135M, as their config.json say (used when the packaged folders are absent)
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
@@ -47,7 +49,8 @@ SIZES = {
     "cpu": {"minilm": (16, 48, 10, 2, 64), "smollm2": (4, 64, 3, 1, 8)},
     "cuda": {"minilm": (64, 128, 20, 4, 512), "smollm2": (16, 256, 10, 2, 64)},
 }
-TRAIN = SimpleNamespace(lr=1e-3, lr_c=0.1, lr_head=1e-2, weight_decay=0.0, max_grad_norm=1.0)  # TrainConfig's
+TRAIN = SimpleNamespace(lr=1e-3, lr_c=0.1, lr_head=1e-2, weight_decay=0.0, max_grad_norm=1.0,  # TrainConfig's
+                        optimizer="adamw")
 
 
 def minilm_config() -> BertConfig:
@@ -112,14 +115,33 @@ def sequential_round(am: AdaptedModel, states: list[dict], train: RandomTokens, 
     return steps * len(states)
 
 
-# The round of each arm. K clients per batched pass (train.clients_per_pass) adds its arm here: a name such as
-# "cpu-fp32-k4" -> (device, precision, a round function of the signature above that trains K clients at once).
+def batched_round(k: int) -> Callable[..., int]:
+    """The same round with K clients per batched pass (`train.clients_per_pass`): `local_train_stacked`."""
+    def round_fn(am: AdaptedModel, states: list[dict], train: RandomTokens, test: RandomTokens, steps: int,
+                 causal: bool) -> int:
+        factors = {"A", "B"} if causal else {"A", "B", "head"}
+        keep = set(states[0])
+        for i in range(0, len(states), k):
+            group = states[i:i + k]
+            trained, _ = local_train_stacked(am, group, [train] * len(group), [train] * len(group), factors, TRAIN,
+                                             steps, keep)
+            states[i:i + len(group)] = trained
+        (evaluate_lm if causal else evaluate)(am, test, 64)
+        return steps * len(states)
+    return round_fn
+
+
+# The round of each arm: name -> (device, precision, round function). "-k<K>": K clients per batched pass,
+# compared with the same device and precision at K = 1 (run them with --clients at least K).
 ARMS: dict[str, tuple[str, str, Callable[..., int]]] = {
     "cpu-fp32": ("cpu", "fp32", sequential_round),
     "cpu-bf16": ("cpu", "bf16", sequential_round),
     "cuda-fp32": ("cuda", "fp32", sequential_round),
     "cuda-bf16": ("cuda", "bf16", sequential_round),
+    **{f"{d}-{p}-k{k}": (d, p, batched_round(k)) for d in ("cpu", "cuda") for p in ("fp32", "bf16")
+       for k in (4, 8, 20, 50)},
 }
+DEFAULT_ARMS = ["cpu-fp32", "cpu-bf16", "cuda-fp32", "cuda-bf16"]
 
 
 def skip_reason(device: str) -> str | None:
@@ -165,9 +187,13 @@ def bench_model(model: str, arms: list[str], size: str, quick: bool, repeats: in
                      "round_s": round(best, 4), "round_s_all": [round(x, 4) for x in r["times"]],
                      "steps_per_s": round(r["steps"] / best, 3)})
     by = {r["arm"]: r for r in rows}
-    for r in rows:  # each arm against fp32 on the same device
-        ref = by.get(f"{r['device']}-fp32")
+    for r in rows:  # each arm against fp32 on the same device (at the same K), and against K = 1
+        base_arm, _, k = r["arm"].partition("-k")
+        ref = by.get(f"{r['device']}-fp32" + (f"-k{k}" if k else ""))
         r["speedup_vs_fp32"] = round(ref["round_s"] / r["round_s"], 3) if ref else None
+        r["clients_per_pass"] = int(k) if k else 1
+        k1 = by.get(base_arm)
+        r["speedup_vs_k1"] = round(k1["round_s"] / r["round_s"], 3) if k1 else None
     return rows
 
 
@@ -176,7 +202,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--models", default="minilm,smollm2")
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"known: {', '.join(ARMS)}")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU arms)")
     ap.add_argument("--steps", type=int, default=None, help="local steps per client (default: the size's)")
@@ -207,12 +233,12 @@ def main() -> None:
                 # written after every group: a run stopped by its time limit keeps what it measured
                 path.write_text(json.dumps({"rows": rows, "skipped": skipped, "torch": torch.__version__,
                                             "cpu_native_bf16": native_bf16_cpu(), "threads": args.threads}, indent=2))
-    print("| model | arm | batch × len | clients × steps | round s | steps/s | vs fp32 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | arm | batch × len | clients × steps | round s | steps/s | vs fp32 | vs K=1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['arm']} | {r['batch']}×{r['length']} | {r['clients']}×"
               f"{r['steps_per_round'] // r['clients']} | {r['round_s']:.3f} | {r['steps_per_s']:.2f} | "
-              f"{r['speedup_vs_fp32']}× |")
+              f"{r['speedup_vs_fp32']}× | {r['speedup_vs_k1']}× |")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("llm_personalization.py", ["--methods", "fedit,celora"], "llm_personalization_quick.json"),
     ("heterogeneous_ranks.py", [], "heterogeneous_ranks_quick.json"),
     ("throughput.py", [], "throughput_quick.json"),
+    ("throughput.py", ["--models", "minilm", "--clients", "4", "--arms", "cpu-fp32,cpu-fp32-k4"],
+     "throughput_quick.json"),
 ])
 def test_benchmark_quick(tmp_path, script, args, out):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path),

@@ -27,6 +27,7 @@ VARIANTS = [(name, {}) for name in sorted(METHODS)] + [
     ("fedit", {"privacy": {"dp": "local", "clip": 0.5, "noise_multiplier": 0.3}}),
     ("fedit", {"train": {"max_grad_norm": None, "weight_decay": 0.1}}),
     ("fedsa", {"train": {"max_grad_norm": 0.02}}),  # clipping binds: each client's own norm
+    ("fedit", {"train": {"optimizer": "sgd", "lr": 0.05}}),
 ]
 
 

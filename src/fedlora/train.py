@@ -141,7 +141,9 @@ def local_train_stacked(am: AdaptedModel, states: list[dict[str, torch.Tensor]],
 
     Each client has its own loss (mean over its own batch), AdamW state (one AdamW over the stacked
     parameters is K independent ones: its update is elementwise), learning rate per factor and gradient
-    clipping (its own slice's norm). Returns each client's trained tensors for the keys in `keep`."""
+    clipping (its own slice's norm). Under bf16 the forward runs in autocast as in `local_train` (fp16's
+    one loss scale for all K would couple the clients: the simulation trains those one by one). The losses
+    are summed on the device and read once. Returns each client's trained tensors for the keys in `keep`."""
     k = len(states)
     with stacked(am, states) as stack:
         set_trainable_stacked(stack, factors)
@@ -150,26 +152,29 @@ def local_train_stacked(am: AdaptedModel, states: list[dict[str, torch.Tensor]],
         if not groups:
             return [{} for _ in states], [{"train_loss": float("nan"), "steps": 0} for _ in states]
         params = [p for g in groups for p in g["params"]]
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        sgd = getattr(cfg, "optimizer", "adamw") == "sgd"  # both update elementwise: K independent optimizers
+        opt = (torch.optim.SGD if sgd else torch.optim.AdamW)(groups, weight_decay=cfg.weight_decay)
         device = params[0].device
         am.model.train()
-        totals = torch.zeros(k, dtype=torch.float64)
+        totals = torch.zeros(k, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
         try:
             for _ in range(steps):
                 batch, weights = concat_batches([d.batch(s.next_rows()) for d, s in zip(datas, streams, strict=True)])
-                batch = {key: v.to(device) for key, v in batch.items()}
-                logits = am.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                losses = per_client_loss(logits, batch["labels"], weights, k)  # (K,)
+                batch = to_device(batch, device)
+                with autocast(device, am.precision):
+                    logits = am.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                losses = per_client_loss(logits, batch["labels"], weights, k)  # (K,), fp32
                 losses.sum().backward()  # client k's slice gets the gradient of loss_k alone
                 if cfg.max_grad_norm:
                     clip_per_client(params, cfg.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                totals += losses.detach().double().cpu()
+                totals += losses.detach().to(totals.dtype)
         finally:
             am.model.eval()
         out = [{key: p[i].detach().clone() for key, p in stack.items() if key in keep} for i in range(k)]  # model order
-    return out, [{"train_loss": float(totals[i]) / steps, "steps": steps} for i in range(k)]
+    totals = totals.cpu().tolist()
+    return out, [{"train_loss": totals[i] / steps, "steps": steps} for i in range(k)]
 
 
 @torch.inference_mode()

@@ -244,7 +244,9 @@ class Simulation:
         k = self.cfg.train.clients_per_pass
         if k == "auto":
             k = auto_clients_per_pass(self.am.model, self.cfg)
-        if k > 1 and (self.method.pooled or not self.method.batchable or not head_is_stackable(self.am)):
+        # fp16: one loss scale (and one skipped step on overflow) would be shared by the pass's clients
+        if k > 1 and (self.method.pooled or not self.method.batchable or not head_is_stackable(self.am)
+                      or self.am.precision == "fp16"):
             if not self._warned_sequential:
                 log.info("train.clients_per_pass=%d: method %s trains its clients one after another",
                          k, self.method.name)
