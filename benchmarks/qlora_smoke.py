@@ -47,7 +47,8 @@ def run(folder: Path, bits: int | None, device: torch.device, steps: int, out: P
     base_type = type(am.layers[am.targets[0]].base).__name__
     n, length = (8, 64) if device.type == "cuda" else (4, 16)
     data = random_tokens("smollm2", model.config.vocab_size, n, length, n)  # one batch, fitted again and again
-    train = type("Cfg", (), dict(lr=5e-3, lr_c=0.1, lr_head=1e-2, weight_decay=0.0, max_grad_norm=1.0))
+    train = type("Cfg", (), dict(lr=5e-3, lr_c=0.1, lr_head=1e-2, weight_decay=0.0, max_grad_norm=1.0,
+                                 optimizer="adamw"))
     before = evaluate_lm(am, data, n)["loss"]
     t0 = time.perf_counter()
     local_train(am, data, data, {"A", "B"}, train, steps)
