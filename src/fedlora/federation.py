@@ -232,10 +232,6 @@ def apply_download(state: ClientState, dl: Download) -> ClientState:
     return ClientState(shared, personal)
 
 
-def _fit_start(state: ClientState, dl: Download) -> ClientState:
-    return apply_download(state, dl)
-
-
 def _leaving(method: Method, state: ClientState, t: int) -> set[str]:
     """The keys whose trained values leave the model: uploaded ones and personal ones that trained.
 
@@ -270,7 +266,7 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
                stream: BatchStream, train: TrainConfig) -> tuple[Upload, ClientState]:
     """Apply the download, train locally, build the upload; returns the client's new state."""
     t = dl.round
-    state = _fit_start(state, dl)
+    state = apply_download(state, dl)
     am.set_state(state.full())
     # training noise (the base model's dropout) from a generator seeded by (seed, client, round), not by
     # whatever ran before in this process: the same result in process or on a Flower SuperNode
@@ -292,7 +288,7 @@ def clients_fit(am: AdaptedModel, method: Method, states: list[ClientState], dls
     if len(states) == 1:
         return [client_fit(am, method, states[0], dls[0], datas[0], streams[0], train)]
     t = dls[0].round
-    starts = [_fit_start(s, dl) for s, dl in zip(states, dls, strict=True)]
+    starts = [apply_download(s, dl) for s, dl in zip(states, dls, strict=True)]
     leaving = [_leaving(method, s, t) for s in starts]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_train_noise_seed(method.cfg.seed, t, [dl.client for dl in dls]))

@@ -70,3 +70,10 @@ def pad(v: torch.Tensor, key: str, r: int) -> torch.Tensor:
     if key.endswith(".A"):
         return torch.cat([v, v.new_zeros(r - v.shape[0], v.shape[1])], dim=0)
     return torch.cat([v, v.new_zeros(v.shape[0], r - v.shape[1])], dim=1)
+
+
+def leading_download(server, name: str, cid: int, r: int) -> dict[str, torch.Tensor]:
+    """The leading r components of the factors a rank-aware method keeps in `server.extra[name]`, if they changed
+    since client `cid` last synced; else nothing (HetLoRA, FlexLoRA)."""
+    st = server.extra.get(name)
+    return truncate(st["factors"], r) if st and st["round"] > server.synced.get(cid, 0) else {}

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters import factor_of
-from ..ranks import truncate
+from ..ranks import leading_download
 from .base import Method, register
 
 if TYPE_CHECKING:
@@ -47,9 +47,8 @@ class FlexLoRA(Method):
 
     def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:
         out = super().download(server, cid, t)  # the head, when shared
-        st = server.extra.get("flexlora")
-        if st and st["round"] > server.synced.get(cid, 0):
-            out.update(truncate(st["factors"], self.client_rank(server, cid)))  # leading r_i singular triplets
+        # the leading r_i singular triplets
+        out.update(leading_download(server, "flexlora", cid, self.client_rank(server, cid)))
         return out
 
     def aggregate(self, server: Server, t: int, uploads: list[Upload]) -> None:

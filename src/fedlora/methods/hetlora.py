@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters import factor_of
-from ..ranks import pad, truncate
+from ..ranks import leading_download, pad
 from .base import Method, register
 
 if TYPE_CHECKING:
@@ -79,9 +79,7 @@ class HetLoRA(Method):
 
     def download(self, server: Server, cid: int, t: int) -> dict[str, torch.Tensor]:
         out = super().download(server, cid, t)  # the head, when shared
-        st = server.extra.get("hetlora")
-        if st and st["round"] > server.synced.get(cid, 0):
-            out.update(truncate(st["factors"], self.client_rank(server, cid)))  # the leading r_i components
+        out.update(leading_download(server, "hetlora", cid, self.client_rank(server, cid)))  # the leading r_i
         return out
 
     def weights(self, uploads: list[Upload], layer: str) -> list[float]:

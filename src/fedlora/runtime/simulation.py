@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -291,10 +292,16 @@ class Simulation:
                 samples.extend(gen)
         return m
 
+    @cached_property
+    def eval_order(self) -> np.ndarray:
+        """One seeded order of the clients for both evaluation subsets (global test, own test): the subsets
+        are prefixes of it, so they overlap and fewer models are evaluated."""
+        return rng("eval_clients", self.cfg.split_seed).permutation(self.num_clients)
+
     def global_eval_clients(self) -> set[int]:
         """The fixed seeded subset of clients whose own models are also measured on the global test set."""
         k = self.cfg.eval.global_clients or self.num_clients
-        return set(rng("eval_clients", self.cfg.split_seed).permutation(self.num_clients)[:k].tolist())
+        return set(self.eval_order[:k].tolist())
 
     def eval_clients(self) -> list[int]:
         """The clients measured on their own test sets: a fixed seeded subset of `eval.clients` (None: all),
@@ -302,8 +309,7 @@ class Simulation:
         n, k = self.num_clients, self.cfg.eval.clients
         if k is None or k >= n:
             return list(range(n))
-        # the same seeded order as global_eval_clients: the two subsets overlap, so fewer models are evaluated
-        chosen = set(rng("eval_clients", self.cfg.split_seed).permutation(n)[:k].tolist())
+        chosen = set(self.eval_order[:k].tolist())
         if self.cfg.eval.participants:
             chosen |= set(self.server.participants)
         return sorted(chosen)
