@@ -39,10 +39,6 @@ def client_ranks(cfg: RunConfig) -> list[int]:
     return [int(r) for r in pool[rng("client_ranks", cfg.seed).permutation(n)]]
 
 
-def rank_of(state: dict[str, torch.Tensor], key: str) -> int:
-    return int(state[key].shape[0])
-
-
 def rank_shape(key: str, shape: tuple[int, ...], r: int) -> tuple[int, ...]:
     """The shape of adapter key `key` at rank r (A: (r, d), B: (k, r)); other keys unchanged."""
     if key.endswith(".A"):

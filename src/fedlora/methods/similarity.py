@@ -147,11 +147,6 @@ def gauss_distance(mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
     return np.clip(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0, None)
 
 
-def frechet_diag(mu1: np.ndarray, var1: np.ndarray, mu2: np.ndarray, var2: np.ndarray) -> float:
-    """Squared 2-Wasserstein (Fréchet) distance between N(mu1, diag var1) and N(mu2, diag var2)."""
-    return float(np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2))
-
-
 def pair_median(d: np.ndarray) -> float:
     """Median of the off-diagonal upper triangle (each unordered pair once)."""
     n = d.shape[0]
