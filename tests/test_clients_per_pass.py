@@ -7,6 +7,7 @@ losses, AdamW, per-factor learning rates, clipping, personal heads, uneven batch
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -63,7 +64,13 @@ def close(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("method,extra", VARIANTS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(VARIANTS)])
-def test_batched_pass_equals_sequential(tmp_path, method, extra):
+def test_batched_pass_equals_sequential(tmp_path, method, extra, monkeypatch):
+    if method == "celora":
+        # CE-LoRA's C trains at lr 0.1 under AdamW, whose step lr·g/(|g|+eps) has slope lr/eps = 1e7 at g ≈ 0:
+        # float rounding of the batched matmuls (~1e-8 on a near-zero gradient component) becomes ~1e-4 in C,
+        # and round 2's z-scored similarities pass it on. With eps 1e-3 the slope is 100 and both runs agree
+        # to float rounding (measured: 9e-5 at eps 1e-8, 3e-8 at eps 1e-3), so the maths is checked tight.
+        monkeypatch.setattr(torch.optim, "AdamW", functools.partial(torch.optim.AdamW, eps=1e-3))
     seq, bat = build(tmp_path, "seq", method, 1, extra), build(tmp_path, "bat", method, 3, extra)
     rec_seq, rec_bat = Recorder(seq), Recorder(bat)
     batchable = METHODS[method].batchable and not METHODS[method].pooled
@@ -71,11 +78,7 @@ def test_batched_pass_equals_sequential(tmp_path, method, extra):
     assert bat.passes([0, 1, 2, 3]) == ([[0, 1, 2], [3]] if batchable else [[0], [1], [2], [3]])
     seq.run()
     bat.run()
-    # CE-LoRA: round 2 starts from C̄ mixed by weights from row-z-scored similarities of round-1 ΔC (the z-score
-    # divides by the spread of 3 similarities) and C trains at lr 0.1 under AdamW, whose first steps are ±lr on
-    # near-zero gradient components: float rounding of the batched matmuls (~1e-7) shows as up to ~3e-4 in C.
-    # A wider tolerance for it, not a proof of exactness (an open item)
-    tol = 1e-3 if method == "celora" else 1e-5
+    tol = 1e-5
     # both rounds (RoLoRA: B then A): every accepted upload within tol
     assert rec_seq.rounds.keys() == rec_bat.rounds.keys()
     for t in rec_seq.rounds:

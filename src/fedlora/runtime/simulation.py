@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from .. import rundir
 from ..adapters import detect_head, inject_adapters
 from ..adapters.stacked import head_is_stackable
 from ..checkpoint import Checkpointer, load_checkpoint
 from ..compute import DTYPES, check_precision, resolve_device, rng_state, set_rng_state
-from ..config import ConfigError, RunConfig, dump_config
+from ..config import ConfigError, RunConfig
 from ..data import (
     BatchStream,
     Examples,
@@ -399,9 +399,7 @@ class Simulation:
     # ---- the whole run ----
     def run(self, on_round: Callable[[dict], None] | None = None, resume: bool = False) -> dict:
         """Run every round; with `resume`, continue after the last complete checkpointed round."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-        self.write_adapter_meta()
+        rundir.start(self.run_dir, self.cfg, self.adapter_meta())
         trackers = Trackers(self.cfg.output.loggers, self.run_dir, self.cfg.name, self.cfg.model_dump(mode="json")) \
             if self.cfg.output.loggers else None
         ck = load_checkpoint(self.run_dir) if resume else None
@@ -413,29 +411,27 @@ class Simulation:
         baseline_path = self.run_dir / "baseline.json"
         if self.cfg.eval.baseline and not baseline_path.is_file():  # the base model (ΔW = 0) before round 1
             baseline_path.write_text(json.dumps(self.evaluate()))
-        with open(self.run_dir / "metrics.jsonl", "w") as f:
-            for row in self.history:  # rows of rounds after the checkpoint (if any) are dropped
-                f.write(json.dumps(row) + "\n")
-            for t in range(len(self.history) + 1, self.cfg.federation.rounds + 1):
-                row = self.run_round(t)
-                self.history.append(row)
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                self.checkpointer.save(self.snapshot())
-                self.checkpoint_costs.append({"round": t, "bytes": self.checkpointer.last_bytes,
-                                              "seconds": self.checkpointer.last_seconds})
-                if trackers:
-                    trackers.log_round(t, row, self.weights_image(t))
-                if on_round:
-                    on_round(row)
+
+        def after_round(t: int, row: dict) -> None:
+            self.checkpointer.save(self.snapshot())
+            self.checkpoint_costs.append({"round": t, "bytes": self.checkpointer.last_bytes,
+                                          "seconds": self.checkpointer.last_seconds})
+            if trackers:
+                trackers.log_round(t, row, self.weights_image(t))
+            if on_round:
+                on_round(row)
+
+        rundir.write_rounds(self.run_dir, self.history, self.cfg.federation.rounds, self.run_round, after_round)
         if trackers:
             trackers.close()
         summary = self.summary(sum(r["wall_s"] for r in self.history))
         if baseline_path.is_file():
             summary["baseline"] = json.loads(baseline_path.read_text())
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        rundir.write_summary(self.run_dir, summary)
         if self.cfg.output.save_client_states:
-            self.save_states()
+            rundir.save_states(self.run_dir, self.server.global_state,
+                               self.eval_state(0) if self.single_model() else None,
+                               ((cid, self.eval_state(cid)) for cid in range(self.num_clients)))
         return summary
 
     def summary(self, wall: float) -> dict:
@@ -489,22 +485,11 @@ class Simulation:
             return None
         return heatmap(np.asarray(lw["weights"]), list(lw["clients"]), f"CE-LoRA weights, round {t}")
 
-    def write_adapter_meta(self) -> None:
-        meta = {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.cfg.adapter.r,
+    def adapter_meta(self) -> dict:
+        """adapter_meta.json: what a reader needs to rebuild the adapters."""
+        return {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.cfg.adapter.r,
                 "alpha": self.am.alpha, "scale": self.am.scale, "client_ranks": self.method.ranks,
                 "tri": self.am.tri, "model": self.cfg.model.name,
                 "num_labels": self.task.num_labels, "label_names": self.task.label_names,
                 "num_clients": self.num_clients, "method": self.method.name,
                 "task_type": "CAUSAL_LM" if self.task.causal else "SEQ_CLS"}
-        (self.run_dir / "adapter_meta.json").write_text(json.dumps(meta, indent=2))
-
-    def save_states(self) -> None:
-        """Each client's model state and the server's global tensors, as safetensors."""
-        d = self.run_dir / "states"
-        d.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.server.global_state.items()} or {}, str(d / "server.safetensors"))
-        if self.single_model():
-            save_file(self.eval_state(0), str(d / "global.safetensors"))
-        for cid in range(self.num_clients):
-            state = {k: v.contiguous() for k, v in self.eval_state(cid).items()}
-            save_file(state, str(d / f"client_{cid}.safetensors"))

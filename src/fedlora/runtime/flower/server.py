@@ -15,10 +15,10 @@ import torch
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save_file
 
+from ... import rundir
 from ...checkpoint import Checkpointer, load_checkpoint
-from ...config import build_config, dump_config
+from ...config import build_config
 from ...federation import Upload
 from ...methods import Method, get_method
 from ..simulation import METRICS, Simulation, evaluation_row, weighted_metrics
@@ -502,40 +502,26 @@ class FlowerServer:
         self.checkpointer = Checkpointer(self.run_dir)  # incremental: a base, then what changed each round
         if ck is not None:
             self.checkpointer.resumed(self.server_snapshot(), ck)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        rundir.start(self.run_dir, cfg, sim.adapter_meta())
         if str(self.rc["run-key"]):  # what `fedlora flower run --resume RUN_DIR` needs to find the clients' state
             (self.run_dir / RUN_META).write_text(json.dumps({"run-key": str(self.rc["run-key"])}))
-        sim.write_adapter_meta()
         print(f"fedlora: {len(self.nodes)}/{self.num_clients} clients connected; run directory {self.run_dir}",
               flush=True)
-        with open(self.run_dir / "metrics.jsonl", "w") as f:
-            for row in sim.history:  # rows of rounds after the checkpoint (if any) are dropped
-                f.write(json.dumps(row) + "\n")
-            for t in range(len(sim.history) + 1, cfg.federation.rounds + 1):
-                row = self.run_round(t)
-                sim.history.append(row)
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                self.checkpoint()
-                acc = "".join(f"  {w} {row[f'{w}_{m}']:.3f}" for m in ("accuracy", "perplexity")
-                              for w in ("global", "personal") if f"{w}_{m}" in row)
-                print(f"fedlora: round {t}/{cfg.federation.rounds}{acc}  {row['wall_s']:.2f} s", flush=True)
+
+        def after_round(t: int, row: dict) -> None:
+            self.checkpoint()
+            acc = "".join(f"  {w} {row[f'{w}_{m}']:.3f}" for m in ("accuracy", "perplexity")
+                          for w in ("global", "personal") if f"{w}_{m}" in row)
+            print(f"fedlora: round {t}/{cfg.federation.rounds}{acc}  {row['wall_s']:.2f} s", flush=True)
+
+        rundir.write_rounds(self.run_dir, sim.history, cfg.federation.rounds, self.run_round, after_round)
         summary = sim.summary(sum(r["wall_s"] for r in sim.history))
         summary |= {"runtime": "flower", **{f"flower_{k}": v for k, v in self.cum_flower.items()}}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if cfg.output.save_client_states:
-            self.save_states()
+        rundir.write_summary(self.run_dir, summary)
+        if cfg.output.save_client_states:  # each client's model was collected at the final evaluation
+            rundir.save_states(self.run_dir, self.server.global_state,
+                               self.server.global_state if self.single_model() else None, self.final_states.items())
         return summary
-
-    def save_states(self) -> None:
-        """As `Simulation.save_states`: the server's tensors, the global model, each client's model (collected)."""
-        d = self.run_dir / "states"
-        d.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.server.global_state.items()}, str(d / "server.safetensors"))
-        if self.single_model():
-            save_file({k: v.contiguous() for k, v in self.server.global_state.items()}, str(d / "global.safetensors"))
-        for cid, state in self.final_states.items():
-            save_file({k: v.contiguous() for k, v in state.items()}, str(d / f"client_{cid}.safetensors"))
 
 
 server_app = ServerApp()
