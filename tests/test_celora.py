@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import make_sim
 
-import fedlora.runtime.simulation as simulation
+import fedlora.run as run_module
 from fedlora.adapters import export_peft, factor_of
 from fedlora.data import Split
 from fedlora.federation import apply_download
@@ -170,7 +170,7 @@ def two_groups(monkeypatch, per_client=40):
                 clients.append((np.sort(idx[8:]), np.sort(idx[:8])))
         return Split(test, clients)
 
-    monkeypatch.setattr(simulation, "split_task", split)
+    monkeypatch.setattr(run_module, "split_task", split)
 
 
 def group_mass(w, ids):

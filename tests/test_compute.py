@@ -54,8 +54,8 @@ def test_quantization_needs_cuda_and_a_causal_lm(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="model.quantization"):
         build_config({"model": {"quantization": 3}})
     # the classifier check comes after the device check: fake a CUDA device to reach it
-    monkeypatch.setattr("fedlora.runtime.simulation.resolve_device", lambda name: torch.device("cuda", 0))
-    monkeypatch.setattr("fedlora.runtime.simulation.check_precision", lambda p, d: None)
+    monkeypatch.setattr("fedlora.run.resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr("fedlora.run.check_precision", lambda p, d: None)
     with pytest.raises(ConfigError, match="model.quantization is for causal LMs"):
         make_sim(tmp_path, model={"name": "tiny-bert", "max_length": 16, "quantization": 8})
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # imported for type hints only: federation imports methods, n
     from ..adapters import AdaptedModel
     from ..data import Examples
     from ..federation import ClientState, Server, Upload
-    from ..runtime.simulation import Simulation
+    from ..run import Run
     from ..train import LocalHook
 
 
@@ -103,7 +103,7 @@ class Method:
         """Optimizer steps a client takes in one round."""
         return self.cfg.train.local_steps
 
-    def setup(self, sim: Simulation) -> None:
+    def setup(self, sim: Run) -> None:
         """Called once before round 1 with the adapted model built (e.g. to initialise factors)."""
 
     def client_rank(self, server: Server, cid: int) -> int:

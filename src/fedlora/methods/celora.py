@@ -59,7 +59,7 @@ from .similarity import (
 if TYPE_CHECKING:
     from ..data import Examples
     from ..federation import Server, Upload
-    from ..runtime.simulation import Simulation
+    from ..run import Run
 
 
 # ---------------------------------------------------------------- A, B initialization
@@ -140,7 +140,7 @@ class CELoRA(Method):
     def upload_factors(self, t: int) -> set[str]:
         return {"C"}
 
-    def setup(self, sim: Simulation) -> None:
+    def setup(self, sim: Run) -> None:
         init_tri_factors(sim.am, self.opt.ab_init, self.cfg.seed)
         self.init_c = sim.am.get_state({"C"})
         self.run_dir = Path(sim.run_dir)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .base import Method, register
 
 if TYPE_CHECKING:
-    from ..runtime.simulation import Simulation
+    from ..run import Run
 
 
 @register
@@ -38,6 +38,6 @@ class FedDPA(Method):
     def upload_factors(self, t: int) -> set[str]:
         return {"A", "B"}
 
-    def setup(self, sim: Simulation) -> None:
+    def setup(self, sim: Run) -> None:
         for layer in sim.am.layers.values():
             layer.local_weight = self.cfg.method.feddpa.local_weight

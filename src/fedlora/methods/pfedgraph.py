@@ -31,7 +31,7 @@ from .similarity import cosine_matrix, project_simplex
 
 if TYPE_CHECKING:
     from ..federation import Server, Upload
-    from ..runtime.simulation import Simulation
+    from ..run import Run
 
 
 def collaboration_graph(sim: np.ndarray, p: np.ndarray, alpha: float) -> np.ndarray:
@@ -57,7 +57,7 @@ class PFedGraph(Method):
     def upload_factors(self, t: int) -> set[str]:
         return {"A", "B"}
 
-    def setup(self, sim: Simulation) -> None:
+    def setup(self, sim: Run) -> None:
         self.init = sim.am.get_state({"A", "B"})  # the seeded initial adapter, known to the server too
 
     @staticmethod

@@ -1,7 +1,7 @@
 """Flower runtime: the same rounds on Flower's Deployment Engine (one SuperLink, one SuperNode per client).
 
 Nothing of a round is re-implemented here. Both sides build the run exactly as the in-process simulation
-does (`Simulation`: model, adapters, `method.setup`), each with only the data it holds: a SuperNode its
+does (`fedlora.run.Run`: model, adapters, `method.setup`), each with only the data it holds: a SuperNode its
 own file (`--data`, `partition.scheme: files`), the ServerApp none but its optional own test set
 (`eval.server_test`). Then
 

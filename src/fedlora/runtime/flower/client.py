@@ -20,13 +20,13 @@ from safetensors.torch import save_file
 from ...config import RunConfig, build_config
 from ...data.silo import Silo, load_local
 from ...federation import ClientState, Download, apply_download, client_fit
-from ..simulation import Simulation
+from ...run import Run
 from .wire import config_hash, from_record, to_record
 
 log = logging.getLogger("fedlora")
 DEFAULT_STATE_DIR = "~/.fedlora/clients"
 
-_ENV: dict[str, Simulation] = {}
+_ENV: dict[str, Run] = {}
 _ENV_LOCK = threading.Lock()
 
 
@@ -58,7 +58,7 @@ def node_config(cfg_text: str, context: Context) -> RunConfig:
                                   "partition": cfg.partition.model_copy(update=part)})
 
 
-def environment(cfg_text: str, context: Context, cid: int, labels: list[str] | None) -> Simulation:
+def environment(cfg_text: str, context: Context, cid: int, labels: list[str] | None) -> Run:
     """The run built as the simulation builds it, once per process, config and label space (cached):
     from this node's own file (`--data`), or every node's partition of the shared task (experiments)."""
     silo = node_silo(context)
@@ -69,8 +69,8 @@ def environment(cfg_text: str, context: Context, cid: int, labels: list[str] | N
             _ENV.clear()
             cfg = node_config(cfg_text, context)
             workdir = _state_root(context) / f"env_{key}"
-            _ENV[key] = Simulation(cfg, workdir) if silo is None else \
-                Simulation(cfg, workdir, silos={cid: silo}, label_names=labels)
+            _ENV[key] = Run(cfg, workdir) if silo is None else \
+                Run(cfg, workdir, silos={cid: silo}, label_names=labels)
         return _ENV[key]
 
 

@@ -21,7 +21,7 @@ from ...checkpoint import Checkpointer, load_checkpoint
 from ...config import build_config
 from ...federation import Upload
 from ...methods import Method, get_method
-from ..simulation import METRICS, Simulation, evaluation_row, weighted_metrics
+from ...run import METRICS, Run, evaluation_row, weighted_metrics
 from .patches import TRACE, fast_object_pulls
 from .wire import EVALUATE, HELLO, RETRYABLE, TRAIN, array_bytes, config_hash, from_record, message_bytes, to_record
 
@@ -69,7 +69,7 @@ class FlowerServer:
                              "brings its own (`fedlora flower run` drops them)")
         self.num_clients = self.cfg.partition.num_clients
         self.run_dir = Path(str(rc["run-dir"]) or str(Path(self.cfg.output.dir) / self.cfg.name)).expanduser()
-        self.sim: Simulation | None = None  # built once the nodes have said which labels they hold
+        self.sim: Run | None = None  # built once the nodes have said which labels they hold
         self.labels: list[str] | None = None
         self.node_labels: dict[int, list[str]] = {}
         if get_method(self.cfg.method.name).pooled:
@@ -359,7 +359,7 @@ class FlowerServer:
         return not (set(self.sim.init_state) - set(self.server.global_state))
 
     def evaluate(self, t: int, final: bool) -> dict:
-        """As `Simulation.evaluate`: the single global model on the server, every client's model on the client."""
+        """As `Run.evaluate`: the single global model on the server, every client's model on the client."""
         server, sim, cfg = self.server, self.sim, self.cfg
         generate = final and sim.task.causal and cfg.eval.generate_examples > 0
         single = self.single_model()
@@ -378,7 +378,7 @@ class FlowerServer:
         if on_server:
             worker = threading.Thread(target=global_test, name="fedlora-global-test")
             worker.start()
-        global_cids = sim.global_eval_clients()  # as in Simulation.evaluate
+        global_cids = sim.global_eval_clients()  # as in Run.evaluate
         own_cids = set(sim.eval_clients())
         # the last round reaches every client too: each saves (and may send) its final state
         wanted = [c for c in range(self.num_clients) if final or c in own_cids or (not single and c in global_cids)]
@@ -467,9 +467,9 @@ class FlowerServer:
         """The run as the simulation builds it: model, adapters, method, server; no client's data (files mode)."""
         self.labels = self.label_space(ck)
         if self.files:
-            self.sim = Simulation(self.cfg, self.run_dir, silos={}, label_names=self.labels)
+            self.sim = Run(self.cfg, self.run_dir, silos={}, label_names=self.labels)
         else:  # partitioned experiments: the shared task is loaded here too, as on every node
-            self.sim = Simulation(self.cfg, self.run_dir)
+            self.sim = Run(self.cfg, self.run_dir)
         self.server = self.sim.server
         if ck is not None:
             self.server.load_state_dict(ck["server"])

@@ -1,0 +1,355 @@
+"""Building a run and measuring it, once, for both runtimes.
+
+`Run(cfg)` loads the data this process may read (all of it in the simulation; on a Flower node its own
+file; on a Flower server none but its own test set), tokenizes once, builds ONE base model with the
+adapters injected, sets the method up and creates the server and every client's state. `evaluate`
+measures the models as they are now (global test, each client on its own test and validation sets);
+`summary` is summary.json. The in-process loop is `runtime/simulation.py`; Flower's is `runtime/flower/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapters import detect_head, inject_adapters
+from .compute import DTYPES, check_precision, resolve_device
+from .config import ConfigError, RunConfig
+from .data import (
+    BatchStream,
+    Examples,
+    Split,
+    Task,
+    concat,
+    split_task,
+    stratified_sample,
+    task_from_config,
+    tokenize,
+    tokenize_causal,
+)
+from .data.silo import Silo, config_silos, files_task, no_examples
+from .federation import ClientState, Download, Server, apply_download
+from .methods import get_method
+from .metrics import resolve_metrics
+from .models import cast_base, default_targets, load_causal_lm, load_classifier, load_tokenizer
+from .seeding import rng, torch_generator
+from .trackers import heatmap
+from .train import evaluate, evaluate_lm, generate_answers, score_generations
+
+log = logging.getLogger("fedlora")
+
+
+METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "rouge_l", "exact_match")
+
+
+def evaluation_row(g: dict, per_client: list[dict], metrics: tuple[str, ...] = METRICS) -> dict:
+    """The evaluation columns of a metrics row: global-test metrics `g`, per-client metrics on their own test.
+
+    Classification has accuracy / macro-F1 / loss; a causal LM loss / perplexity and, when answers were
+    generated, ROUGE-L / exact match. Personal metrics are unweighted means over clients."""
+    row = {f"global_{k}": float(g[k]) for k in metrics if k in g}
+    for k in metrics:
+        if k in per_client[0]:
+            row[f"personal_{k}"] = float(np.mean([m[k] for m in per_client]))
+    if "accuracy" in per_client[0]:
+        n = np.array([m["n"] for m in per_client], dtype=float)
+        acc = np.array([m["accuracy"] for m in per_client])
+        row |= {"personal_accuracy_weighted": float((acc * n).sum() / n.sum()),
+                "personal_accuracy_std": float(acc.std()), "client_accuracy": [round(float(a), 4) for a in acc]}
+    else:
+        row["client_perplexity"] = [round(float(m["perplexity"]), 3) for m in per_client]
+    return row
+
+
+def weighted_metrics(per_client: list[dict]) -> dict:
+    """The example-weighted aggregate of the clients' metrics (the global metrics when no global test set exists)."""
+    n = np.array([m["n"] for m in per_client], dtype=float)
+    return {k: float((np.array([m[k] for m in per_client]) * n).sum() / n.sum()) for k in METRICS if k in per_client[0]}
+
+
+class Run:
+    """One run built from its config: data, one base model with adapters, the method, the server and every
+    client's state; and how it is measured (`evaluate`, `summary`). The runtimes drive it."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, silos: dict[int, Silo] | None = None,
+                 label_names: list[str] | None = None, *, task: Task | None = None, split: Split | None = None,
+                 model: torch.nn.Module | None = None, tokenizer=None):
+        """`silos` (`partition.scheme: files` only): the clients whose own files this process reads (a Flower node:
+        its own; a Flower server: none), default every client's `partition.files`; `label_names`: the run's label
+        space, default task.labels or the union of the files' labels. `task`, `split`, `model` and `tokenizer`
+        replace what `cfg` names (the Python API passes objects)."""
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.output.dir) / cfg.name
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.device = resolve_device(cfg.device)  # before any loading: a missing GPU fails at once
+        check_precision(cfg.precision, self.device)
+        if cfg.model.quantization is not None and self.device.type != "cuda":
+            raise ConfigError(f"model.quantization: {cfg.model.quantization}-bit needs a CUDA device (bitsandbytes); "
+                              f"device '{cfg.device}' is {self.device.type} here")
+        self.method = get_method(cfg.method.name)(cfg)
+
+        # data: tokenized once; clients hold index subsets
+        data_seed = cfg.split_seed
+        self.files = cfg.partition.scheme == "files"
+        if self.files:  # node-local data: each client's own file, nothing else
+            local = config_silos(cfg) if silos is None else silos
+            self.task, self.split = files_task(cfg, local, label_names, server_test=not silos)
+            self.local_clients = sorted(local)
+        else:
+            self.task = task if task is not None else task_from_config(cfg.task, data_seed)
+            self.split = split if split is not None else split_task(self.task, cfg.partition, data_seed)
+            self.local_clients = list(range(cfg.partition.num_clients))
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name)
+        if not self.task.texts:  # a server without a test set of its own
+            everything = no_examples(self.task.causal)
+        elif self.task.causal:
+            everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
+        else:
+            everything = tokenize(self.tokenizer, self.task.texts, self.task.labels, cfg.model.max_length)
+        self.client_train = [everything.subset(tr) for tr, _ in self.split.clients]
+        # evaluation sets: capped ones are seeded samples stratified by label (category for a causal LM), the
+        # same rule on the test and the validation path, never a prefix of file order
+        labels, e = np.asarray(self.task.labels), cfg.eval
+        if e.split == "validation" and self.files:  # the clients' own validation; the server's test set stays
+            held = self.split.validation
+            pooled = self.split.global_test
+        elif e.split == "validation":  # tuning: the test splits are never touched
+            held = self.split.validation
+            pooled = np.concatenate(held)  # the clients' validation sets pooled, then sampled
+        else:
+            held = [te for _, te in self.split.clients]
+            pooled = self.split.global_test
+        g_idx = stratified_sample(pooled, labels, e.max_global_examples, rng("eval_sample", data_seed, 0))
+        c_idx = [stratified_sample(h, labels, e.max_client_examples, rng("eval_sample", data_seed, 1, cid))
+                 for cid, h in enumerate(held)]
+        self.global_test = everything.subset(g_idx)
+        self.client_test = [everything.subset(i) for i in c_idx]
+        # causal LM: the prompts answered by greedy generation, a seeded sample of each evaluation set
+        n_gen = e.generate_examples
+        self.global_prompts = everything.subset(
+            stratified_sample(g_idx, labels, n_gen, rng("eval_sample", data_seed, 2)))
+        self.client_prompts = [
+            everything.subset(stratified_sample(i, labels, n_gen, rng("eval_sample", data_seed, 3, c)))
+            for c, i in enumerate(c_idx)]
+        # validation sets scored beside test, so that the summary's best round is chosen on them, never on test
+        self.client_val = [
+            everything.subset(stratified_sample(v, labels, e.max_client_examples, rng("eval_sample", data_seed, 4, c)))
+            for c, v in enumerate(self.split.validation)] if e.split == "test" and self.split.validation else None
+        self.metric_fns = resolve_metrics(cfg.eval.metrics)
+        self.metric_names = METRICS + tuple(n for n, _ in self.metric_fns)
+        self.num_clients = cfg.partition.num_clients
+
+        # one base model, adapters injected once
+        a, dtype = cfg.adapter, DTYPES[cfg.model.dtype]
+        if model is None and self.task.causal:
+            model = load_causal_lm(cfg.model.name, cfg.seed, dtype, cfg.model.quantization, self.device)
+        elif model is None and cfg.model.quantization is not None:
+            raise ConfigError(f"model.quantization is for causal LMs; task '{self.task.name}' is a classification task")
+        elif model is None:
+            model = load_classifier(cfg.model.name, self.task.num_labels, cfg.seed)
+            cast_base(model, dtype, keep=detect_head(model) if a.head_modules is None else a.head_modules)
+        if cfg.model.quantization is None:  # a quantized model was placed by bitsandbytes while loading
+            model.to(self.device)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # heterogeneous ranks: layers at the largest rank, the scale alpha / adapter.r on every client
+        self.am = inject_adapters(model, a.target_modules or default_targets(model), max(self.method.ranks), a.alpha,
+                                  a.dropout, tri=self.method.tri, head_modules=a.head_modules, scale=a.alpha / a.r,
+                                  full_update=self.method.full_update, dual=self.method.dual,
+                                  generator=torch_generator("adapter_init", cfg.seed, 1))
+        self.am.precision = cfg.precision
+        self.method.setup(self)
+        self.init_state = self.am.get_state()
+
+        # trainers: one per client, or one pooled trainer for the centralized reference
+        self.train_sets: list[Examples] = [concat(self.client_train)] if self.method.pooled else self.client_train
+        self.server = Server(self.method, self.init_state, cfg.federation, len(self.train_sets), cfg.seed)
+        self.clients: dict[int, ClientState] = {
+            cid: self.server.initial_client_state(self.init_state, cid) for cid in range(len(self.train_sets))}
+        self.streams = [BatchStream(len(d), cfg.train.batch_size, cfg.seed, cid)
+                        for cid, d in enumerate(self.train_sets)]
+        self.dropout_rng = rng("dropout", cfg.seed)
+        self.history: list[dict] = []
+        self._warned_sequential = False
+        self.checkpoint_costs: list[dict] = []  # bytes and seconds of each round's checkpoint in this process
+
+    def client_classes(self, cid: int) -> torch.Tensor:
+        """One class per training example of client `cid` (a causal LM task: its category)."""
+        return torch.as_tensor(np.asarray(self.task.labels, dtype=np.int64)[self.split.clients[cid][0]])
+
+    def send_descriptor(self, cid: int, t: int) -> None:
+        """A client's first contact (CE-LoRA): it computes its data descriptor and sends it before its download."""
+        if self.method.needs_descriptor(self.server, cid):
+            desc = self.method.client_descriptor(self.am, self.client_train[cid], self.client_classes(cid), cid)
+            self.method.receive_descriptor(self.server, cid, desc, t)
+
+    # ---- evaluation ----
+    def eval_state(self, cid: int) -> dict[str, torch.Tensor]:
+        """Client `cid`'s model now: its state with the download it would receive applied."""
+        state = self.clients[0 if self.method.pooled else cid]
+        t = self.server.last_round + 1
+        dl = {} if self.method.pooled else self.method.download(self.server, cid, t)
+        return apply_download(state, Download(cid, t, dl)).full()
+
+    def single_model(self) -> bool:
+        return self.method.pooled or all(not s.personal for s in self.clients.values())
+
+    def measure(self, data: Examples, generate: bool, samples: list | None = None,
+                prompts: Examples | None = None) -> dict:
+        """The task's metrics of the model as it is now on `data` (and greedy answers to `prompts`, for a causal LM)."""
+        bs = self.cfg.eval.batch_size
+        if not self.task.causal:
+            return evaluate(self.am, data, bs, self.metric_fns)
+        m = evaluate_lm(self.am, data, bs)
+        if generate and prompts is not None:
+            gen = generate_answers(self.am, self.tokenizer, prompts, self.cfg.eval.max_new_tokens)
+            m |= score_generations(gen)
+            refs, answers = [s["reference"] for s in gen], [s["answer"] for s in gen]
+            m |= {name: float(fn(refs, answers)) for name, fn in self.metric_fns}
+            if samples is not None:
+                samples.extend(gen)
+        return m
+
+    @cached_property
+    def eval_order(self) -> np.ndarray:
+        """One seeded order of the clients for both evaluation subsets (global test, own test): the subsets
+        are prefixes of it, so they overlap and fewer models are evaluated."""
+        return rng("eval_clients", self.cfg.split_seed).permutation(self.num_clients)
+
+    def global_eval_clients(self) -> set[int]:
+        """The fixed seeded subset of clients whose own models are also measured on the global test set."""
+        k = self.cfg.eval.global_clients or self.num_clients
+        return set(self.eval_order[:k].tolist())
+
+    def eval_clients(self) -> list[int]:
+        """The clients measured on their own test sets: a fixed seeded subset of `eval.clients` (None: all),
+        plus with `eval.participants` the clients of the round just aggregated."""
+        n, k = self.num_clients, self.cfg.eval.clients
+        if k is None or k >= n:
+            return list(range(n))
+        chosen = set(self.eval_order[:k].tolist())
+        if self.cfg.eval.participants:
+            chosen |= set(self.server.participants)
+        return sorted(chosen)
+
+    def has_global_test(self) -> bool:
+        """A global test set to measure on: node-local data has only the server's own, for a single global model
+        (personal models stay on their clients); otherwise global metrics are the clients' reports, weighted."""
+        return len(self.global_test) > 0 and (not self.files or self.single_model())
+
+    def evaluate(self, generate: bool = False) -> dict:
+        """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
+        generate = generate and self.task.causal and self.cfg.eval.generate_examples > 0
+        samples: dict[str, list] = {}
+        val: list[dict] = []
+        own_cids = self.eval_clients()
+        if not self.has_global_test():  # no global test set of the server's own: the clients' reports, weighted
+            per_client = []
+            for cid in own_cids:
+                self.am.set_state(self.eval_state(cid))
+                own = samples.setdefault(f"client_{cid}", [])
+                per_client.append(self.measure(self.client_test[cid], generate, own, self.client_prompts[cid]))
+                if self.client_val:
+                    val.append(self.measure(self.client_val[cid], False))
+            g = weighted_metrics(per_client)
+        elif self.single_model():
+            self.am.set_state(self.eval_state(0))
+            g = self.measure(self.global_test, generate, samples.setdefault("global", []), self.global_prompts)
+            per_client = [self.measure(self.client_test[c], generate, samples.setdefault(f"client_{c}", []),
+                                       self.client_prompts[c]) for c in own_cids]
+            val = [self.measure(self.client_val[c], False) for c in own_cids] if self.client_val else []
+        else:
+            per_client, gs = [], []
+            global_cids = self.global_eval_clients()
+            for cid in sorted(global_cids | set(own_cids)):
+                self.am.set_state(self.eval_state(cid))
+                if cid in own_cids:
+                    own = samples.setdefault(f"client_{cid}", [])
+                    per_client.append(self.measure(self.client_test[cid], generate, own, self.client_prompts[cid]))
+                    if self.client_val:
+                        val.append(self.measure(self.client_val[cid], False))
+                if cid in global_cids:
+                    gs.append(self.measure(self.global_test, generate, samples.setdefault(f"global_by_{cid}", []),
+                                           self.global_prompts))
+            g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in self.metric_names}
+        if generate:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / f"samples_round_{self.server.last_round}.jsonl", "w") as f:
+                for who, rows in samples.items():
+                    for r in rows[:3]:  # a few per model is enough to read
+                        f.write(json.dumps({"model": who, **r}) + "\n")
+        row = evaluation_row(g, per_client, self.metric_names)
+        if val:
+            row |= {f"val_personal_{k}": float(np.mean([m[k] for m in val])) for k in self.metric_names if k in val[0]}
+        if len(own_cids) < self.num_clients:
+            row["eval_clients"] = own_cids
+        return row
+
+    def summary(self, wall: float) -> dict:
+        last = next((r for r in reversed(self.history) if "global_loss" in r), {})
+        rounds = len(self.history)
+        per_client_round = [r["up_raw_adapter_per_client"] for r in self.history]
+        # the final models reach the clients too: counted apart and in the run's totals
+        final_down = {} if self.method.pooled else self.server.final_download_bytes(list(range(self.num_clients)))
+        totals = dict(self.server.cumulative)
+        for k, v in final_down.items():
+            totals[f"down_{k}"] += v
+        final = {f"{w}_{k}": last.get(f"{w}_{k}") for w in ("global", "personal") for k in METRICS
+                 if f"{w}_{k}" in last}
+        final |= {k: last[k] for k in ("client_accuracy", "client_perplexity") if k in last}
+        final |= {k: last[k] for k in last if k.startswith(("global_", "personal_")) and k not in final
+                  and isinstance(last[k], float)}  # the user's metrics (eval.metrics)
+        return {"name": self.cfg.name, "method": self.method.name, "head": self.method.head,
+                "task": self.task.name, "num_clients": self.num_clients, "rounds": rounds,
+                "global_accuracy": None, "personal_accuracy": None,  # None for a causal LM; set below otherwise
+                **final, "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
+                "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
+                **totals, **{f"final_down_{k}": v for k, v in final_down.items()}, "wall_s": wall,
+                "final_round": last.get("round"), **self.best_round()}
+
+    def best_round(self) -> dict:
+        """The round that scored best on VALIDATION data (eval.best_metric), with that round's metrics; a run
+        without a validation split has none (the best round is never chosen on test)."""
+        key = self.cfg.eval.best_metric or ("personal_loss" if self.task.causal else "personal_accuracy")
+        if self.cfg.eval.split == "validation":
+            col = key  # every evaluation column is a validation metric
+        elif self.client_val is not None and key.startswith("personal_"):
+            col = f"val_{key}"
+        else:
+            why = "no validation split (partition.client_val_fraction is 0)" if self.client_val is None else \
+                f"eval.best_metric '{key}' has no validation column (validation is per client: personal_*)"
+            return {"best_round": None, "best_selected_on": f"none: {why}; never chosen on test"}
+        rows = [r for r in self.history if col in r]
+        if not rows:
+            raise ValueError(f"eval.best_metric: no evaluated round has column '{col}'")
+        lower = "loss" in key or "perplexity" in key
+        best = (min if lower else max)(rows, key=lambda r: r[col])
+        cols = {k: best[k] for k in best if k.startswith(("global_", "personal_", "val_"))
+                and isinstance(best[k], float)}
+        return {"best_round": best["round"], "best_selected_on": f"validation {key} ({'min' if lower else 'max'})",
+                "best": cols}
+
+    def weights_image(self, t: int):
+        """CE-LoRA's round-t mixing weights as a heatmap image (None for other methods)."""
+        lw = getattr(self.method, "last_weights", None)
+        if not lw or lw.get("round") != t:
+            return None
+        return heatmap(np.asarray(lw["weights"]), list(lw["clients"]), f"CE-LoRA weights, round {t}")
+
+    def adapter_meta(self) -> dict:
+        """adapter_meta.json: what a reader needs to rebuild the adapters."""
+        return {"targets": self.am.targets, "head_modules": self.am.head_modules, "r": self.cfg.adapter.r,
+                "alpha": self.am.alpha, "scale": self.am.scale, "client_ranks": self.method.ranks,
+                "tri": self.am.tri, "model": self.cfg.model.name,
+                "num_labels": self.task.num_labels, "label_names": self.task.label_names,
+                "num_clients": self.num_clients, "method": self.method.name,
+                "task_type": "CAUSAL_LM" if self.task.causal else "SEQ_CLS"}
