@@ -138,6 +138,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     alphas = sorted({r["alpha"] for r in rows})
     color = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["arm"] for r in rows))}  # one colour per arm
@@ -149,6 +150,7 @@ def plot(rows: list[dict], path: Path) -> None:
             if r["up_mb"] > 0:  # nothing sent: no point on a log axis
                 axes[i, 1].plot(up, acc, marker="o", label=r["arm"], color=color[r["arm"]])
         axes[i, 0].set(xlabel="round", ylabel="personalized accuracy", title=f"Dirichlet alpha {a}")
+        axes[i, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         axes[i, 1].set(xlabel="cumulative uplink MB (log)", ylabel="personalized accuracy", xscale="log",
                        title=f"Dirichlet alpha {a}: accuracy vs bytes sent")
         axes[i, 0].legend(fontsize=7)
