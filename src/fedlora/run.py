@@ -179,8 +179,6 @@ class Run:
                         for cid, d in enumerate(self.train_sets)]
         self.dropout_rng = rng("dropout", cfg.seed)
         self.history: list[dict] = []
-        self._warned_sequential = False
-        self.checkpoint_costs: list[dict] = []  # bytes and seconds of each round's checkpoint in this process
 
     def client_classes(self, cid: int) -> torch.Tensor:
         """One class per training example of client `cid` (a causal LM task: its category)."""

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -44,6 +45,11 @@ def auto_clients_per_pass(model: torch.nn.Module, cfg: RunConfig) -> int:
 
 class Simulation(Run):
     """The in-process runtime: `Run` driven round by round in this process, K clients per pass."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # as Run's
+        super().__init__(*args, **kwargs)
+        self._warned_sequential = False
+        self.checkpoint_costs: list[dict] = []  # bytes and seconds of each round's checkpoint in this process
 
     # ---- one round ----
     def run_round(self, t: int) -> dict:
