@@ -4,16 +4,17 @@ Part 1, token recovery. MiniLM-L6 on `rt-sentiment`. Each method first trains `-
 (so that B != 0 and every factor has a gradient: at LoRA's init B = 0, A's gradient is exactly 0),
 then the server attacks the next upload of `--sentences` batches (the same training rows for every
 method, round-robin over the clients): one SGD step on one batch, inverted from exactly the tensors
-the method uploads (FedIT: A, B + head; FFA-LoRA and RoLoRA's odd rounds: B + head; FedSA: A;
-CE-LoRA: C), and from the full fine-tuning update of every base weight, word embeddings included
+the method uploads under one head policy for every method (`--head`, default shared, so the head is
+uploaded and, in part 2, noised: FedIT A, B; FFA-LoRA and RoLoRA's odd rounds B; FedSA A; CE-LoRA C;
+each + head), and from the full fine-tuning update of every base weight, word embeddings included
 (the most leaky reference: its word-embedding rows give the bag of tokens exactly). The attacker
 decodes adapter uploads among the task's tokens (a domain prior). Token F1 and ROUGE-L at batch 1
 and 4: mean over the sentences with a 95 % percentile-bootstrap interval; CE-LoRA's claim (its
 leakage <= 1/2 of FedIT's) is the paired ratio of means with its bootstrap interval: "holds" only if
 the whole interval is <= 0.5, "does not hold" if it is all above, else "not settled".
 
-Part 2, accuracy vs epsilon. FedIT, FFA-LoRA, RoLoRA, CE-LoRA with local DP (each client clips its
-upload's delta to S and adds N(0, (sigma S)^2)), sigma in --sigmas; S per method is the median
+Part 2, accuracy vs epsilon. FedIT, FFA-LoRA, RoLoRA, CE-LoRA, one head policy, with local DP (each
+client clips its upload's delta to S and adds N(0, (sigma S)^2)), sigma in --sigmas; S per method is the median
 delta norm of that method's non-private round-1 uploads (the usual adaptive-clipping choice), so
 every method clips about half its updates. epsilon at delta 1e-5 after all rounds, from Opacus's
 RDP accountant (every client every round: sampling rate 1); CE-LoRA's data descriptor is released
@@ -46,13 +47,13 @@ DP_METHODS = ["fedit", "ffa", "rolora", "celora"]
 LR = {"fedit": 3e-3, "ffa": 3e-3, "rolora": 3e-3, "celora": 3e-3}
 
 
-def base(quick: bool, method: str, rounds: int, steps: int, clients: int = 10) -> dict:
+def base(quick: bool, method: str, rounds: int, steps: int, clients: int = 10, head: str = "shared") -> dict:
     model = {"name": "tiny-bert", "max_length": 16} if quick else {"name": "minilm", "max_length": 32}
     task = {"name": "synthetic"} if quick else {"name": "rt-sentiment", "max_examples": 3000}
     return {"seed": 0, "threads": 2, "model": model, "task": task,
             "partition": {"num_clients": clients if not quick else 3, "scheme": "dirichlet", "alpha": 0.5},
             "adapter": {"r": 8 if not quick else 4, "alpha": 16, "target_modules": ["query", "value"]},
-            "method": {"name": "fedit" if method == "full" else method}, "federation": {"rounds": rounds},
+            "method": {"name": "fedit" if method == "full" else method, "head": head}, "federation": {"rounds": rounds},
             "train": {"local_steps": steps, "batch_size": 16, "lr": LR.get(method, 3e-3)},
             "eval": {"every": rounds, "max_global_examples": 400, "max_client_examples": 60, "global_clients": 3},
             "output": {"save_client_states": False}}
@@ -76,7 +77,7 @@ def token_recovery(args, out: Path) -> list[dict]:
     rows = []
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     for m in args.attack_methods.split(","):
-        cfg = base(args.quick, m, args.warm, 3)
+        cfg = base(args.quick, m, args.warm, 3, head=args.head)
         cfg["name"] = f"attack-{m}"
         sim = Simulation(build_config(cfg), out / "attack_runs" / m)
         sim.run()  # warm-up rounds: the attack is on round warm + 1
@@ -132,7 +133,7 @@ def accuracy_vs_epsilon(args, out: Path) -> list[dict]:
     sigmas = [float(s) for s in args.sigmas.split(",")]
     arms, clips = [], {}
     for m in args.dp_methods.split(","):
-        cfg = base(args.quick, m, args.rounds, args.steps, args.clients)
+        cfg = base(args.quick, m, args.rounds, args.steps, args.clients, head=args.head)
         clips[m] = calibrate_clip(cfg, 3 if args.quick else 5)
         arms.append((f"{m}-nodp", cfg))
         for s in sigmas:
@@ -200,6 +201,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="DP runs: rounds (default 4)")
     ap.add_argument("--steps", type=int, default=None, help="DP runs: local steps (default 5)")
     ap.add_argument("--clients", type=int, default=10, help="DP runs: clients")
+    ap.add_argument("--head", choices=["shared", "personal"], default="shared",
+                    help="one head policy for every method (default shared: the head is uploaded, so DP noises it too)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--skip", choices=["attack", "dp"], default=None)
     ap.add_argument("--seeds", type=int, default=None, help="DP runs: training seeds (default 3; quick 1)")
@@ -217,8 +220,8 @@ def main() -> None:
     rec = [] if args.skip == "attack" else token_recovery(args, out)
     dp = [] if args.skip == "dp" else accuracy_vs_epsilon(args, out)
     claim = celora_claim(rec)
-    write_json(Path(args.out) / f"{name}.json", {"token_recovery": rec, "celora_claim": claim, "dp": dp,
-                                                 "attack_steps": args.attack_steps, "search": args.search})
+    write_json(Path(args.out) / f"{name}.json", {"head": args.head, "token_recovery": rec, "celora_claim": claim,
+                                                 "dp": dp, "attack_steps": args.attack_steps, "search": args.search})
     if rec and dp:
         plot(rec, dp, Path(args.out) / f"{name}.png")
     if dp:
