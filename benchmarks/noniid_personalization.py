@@ -10,7 +10,8 @@ same total number of steps per round as the federation (the core gives it local 
 Two stages, on different data:
   --stage tune   CE-LoRA's ablation (FedAvg of C, data-only, parameter-only, both, learned; self-weight
                  0.2 / 0.5 / 0.8 / 0.95 / auto; tau; overall vs per-class descriptor; frozen, local,
-                 warm-up A/B and frozen A/B at 4r; A/B lr), local-only, and each baseline's learning rate,
+                 warm-up A/B, frozen A/B at 4r, local A/B with
+                 C sent in the common basis; A/B lr), local-only, and each baseline's learning rate,
                  scored on a validation split carved from the clients' train data (the test splits are
                  never read). Rows show the mean self-weight, collaborators 1 / sum_j w_ij^2, descriptor bytes.
   --stage test   every method with its tuned options, scored on the clients' test splits.
@@ -70,7 +71,8 @@ def arm(base: dict, method: str, head: str | None = "personal", lr: float | None
     return cfg
 
 
-QUICK_TUNE = {"celora", "celora-fedavg-c", "celora-learned", "celora-self-auto", "celora-per-class", "celora-warmup-ab"}
+QUICK_TUNE = {"celora", "celora-fedavg-c", "celora-learned", "celora-self-auto", "celora-per-class", "celora-warmup-ab",
+              "celora-common-basis"}
 
 
 def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = True,
@@ -96,6 +98,7 @@ def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = Tru
            *[(f"celora-self-{lam}", ce(self_weight=lam)) for lam in (0.2, 0.8, 0.95, "auto")],
            ("celora-tau-0.3", ce(tau=0.3)), ("celora-per-class", ce(descriptor="per_class")),
            ("celora-frozen-ab", ce(ab_train="frozen")), ("celora-warmup-ab", ce(ab_train="warmup")),
+           ("celora-common-basis", ce(c_basis="common")),
            ("celora-frozen-ab-4r", arm(wide, "celora", lr=1e-3, ab_train="frozen")),
            ("celora-lr_ab-3e-3", ce() | {"train": {**start["train"], "lr": 3e-3}})]
     if quick:  # the smoke run: one arm of each kind of option

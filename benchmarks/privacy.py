@@ -122,7 +122,7 @@ def calibrate_clip(cfg: dict, clients: int) -> float:
     norms = []
     for cid in range(clients):
         dl = sim.server.download(cid, 1)
-        start = apply_download(sim.clients[cid], dl).full()
+        start = apply_download(sim.clients[cid], dl, sim.method).full()
         up, _ = client_fit(sim.am, sim.method, sim.clients[cid], dl, sim.train_sets[cid], sim.streams[cid],
                            sim.cfg.train)
         norms.append(delta_norm({k: v - start[k] for k, v in up.tensors.items()}))

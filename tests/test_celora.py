@@ -126,6 +126,67 @@ def test_cbar_is_the_weighted_sum_of_uploads_per_key(tmp_path):
             torch.testing.assert_close(rec["cbar"][i][k].double(), want, atol=1e-6, rtol=0)
 
 
+def test_common_basis_maps_the_same_update_in_any_basis_to_the_same_c(tmp_path):
+    """c_basis common: a client whose A, B are a rotated and scaled A0, B0 sends the C of its ΔW in A0, B0,
+    and stores a received C̄ as the C whose B C A is exactly B0 C̄ A0."""
+    sim = celora(tmp_path, rounds=1, c_basis="common")
+    key = sim.am.keys({"C"})[0]
+    p = key[:-1]
+    a0, b0 = sim.init_state[p + "A"].double(), sim.init_state[p + "B"].double()
+    r = a0.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
+    c = torch.randn(r, r, generator=gen, dtype=torch.float64)
+    a, b = q @ a0, 2.0 * b0 @ q.T  # another basis of the same subspaces
+    c_own = q @ c @ q.T / 2.0  # b @ c_own @ a == b0 @ c @ a0
+    torch.testing.assert_close(b @ c_own @ a, b0 @ c @ a0)
+    model = {p + "A": a.float(), p + "B": b.float()}
+    sent = sim.method.encode_upload({key: c_own.float()}, model)[key]
+    assert (c_own - c).abs().max() > 0.1  # the raw C differs: its basis is not the common one
+    torch.testing.assert_close(sent.double(), c, atol=1e-5, rtol=0)
+    cbar = torch.randn(r, r, generator=gen, dtype=torch.float64)
+    stored = sim.method.decode_download({key: cbar.float()}, model)[key].double()
+    torch.testing.assert_close(b @ stored @ a, b0 @ cbar @ a0, atol=1e-5, rtol=0)
+
+
+def test_common_basis_in_a_run(tmp_path):
+    """Each real upload is B0ᵀ B_i C_i A_i A0ᵀ of the client's trained factors; with A, B frozen it is exactly
+    the plain upload (both maps are the identity)."""
+    sim = celora(tmp_path / "local", rounds=2, c_basis="common")
+    seen, _ = record(sim)
+    sim.run()
+    last = [u for u in seen if u.round == 2]
+    assert len(last) == sim.num_clients
+    moved = 0.0
+    for up in last:
+        st = sim.clients[up.client].full()
+        for k in (k for k in up.tensors if factor_of(k) == "C"):
+            p = k[:-1]
+            a0, b0 = sim.init_state[p + "A"].double(), sim.init_state[p + "B"].double()
+            a, b = st[p + "A"].double(), st[p + "B"].double()
+            moved = max(moved, float((a - a0).abs().max()))
+            want = b0.T @ b @ st[k].double() @ a @ a0.T
+            torch.testing.assert_close(up.tensors[k].double(), want, atol=1e-6, rtol=0)
+    assert moved > 1e-4  # A trained: the map is not the identity here
+    st = sim.clients[0].full()  # ... and the final C̄ is stored in client 0's basis: B_0 C_0 A_0 ≈ B0 C̄ A0
+    cbar = sim.method.unflatten(sim.server.extra["celora"], sim.server.extra["celora"]["cbar"][0][1])
+    stored = sim.eval_state(0)
+    for k, v in cbar.items():
+        p = k[:-1]
+        a, b = st[p + "A"].double(), st[p + "B"].double()
+        want = torch.linalg.pinv(b) @ sim.init_state[p + "B"].double() @ v.double() @ sim.init_state[p + "A"].double() \
+            @ torch.linalg.pinv(a)
+        torch.testing.assert_close(stored[k].double(), want, atol=1e-5, rtol=0)
+        assert (stored[k] - v).abs().max() > 1e-6  # not stored as received
+    plain, common = (celora(tmp_path / name, rounds=2, ab_train="frozen", **opts)
+                     for name, opts in (("own", {}), ("common", {"c_basis": "common"})))
+    ups = [record(s)[0] for s in (plain, common)]
+    plain.run(), common.run()
+    for x, y in zip(*ups, strict=True):
+        for k in x.tensors:
+            torch.testing.assert_close(x.tensors[k], y.tensors[k], atol=1e-6, rtol=0)
+
+
 def test_delta_c_is_measured_from_what_each_client_started_with(tmp_path):
     """Partial participation and dropouts: the server's idea of each client's starting C (its last C̄,
     the FedAvg C for a newcomer, or 0) must be the C the client really started the round with."""
@@ -137,7 +198,7 @@ def test_delta_c_is_measured_from_what_each_client_started_with(tmp_path):
 
     def d(cid, t):
         dl = download(cid, t)
-        start[t, cid] = apply_download(sim.clients[cid], dl).full()
+        start[t, cid] = apply_download(sim.clients[cid], dl, sim.method).full()
         if c_keys[0] in dl.tensors and cid not in sim.server.extra["celora"]["cbar"]:
             newcomer_downloads.append((t, cid))
         return dl

@@ -24,6 +24,7 @@ from fedlora.train import concat_batches, per_client_loss
 VARIANTS = [(name, {}) for name in sorted(METHODS)] + [
     ("celora", {"method": {"celora": {"ab_train": "frozen"}}}),
     ("celora", {"method": {"celora": {"ab_train": "warmup", "ab_warmup_rounds": 1}}}),
+    ("celora", {"method": {"celora": {"c_basis": "common"}}}),
     ("fedsa", {"method": {"head": "shared"}}),
     ("fedit", {"privacy": {"dp": "local", "clip": 0.5, "noise_multiplier": 0.3}}),
     ("fedit", {"train": {"max_grad_norm": None, "weight_decay": 0.1}}),

@@ -102,12 +102,17 @@ class CELoRAConfig(_Section):
     descriptor_sigma: float = Field(0.0, ge=0)
     descriptor_clip: float = Field(1.0, gt=0)
     param_center: bool = False  # subtract the round's mean ΔC before the cosine (removes the drift all share)
+    # the basis C is sent and aggregated in: own (each client's A_i, B_i: the paper's) or common (the shared
+    # initial A0, B0, into which each client maps its B_i C_i A_i and back; exact with ab_train frozen)
+    c_basis: Literal["own", "common"] = "own"
 
 
 class HetLoRAConfig(_Section):
     aggregation: Literal["zero_pad", "sparsity"] = "zero_pad"  # sparsity: weights ∝ ||B_i A_i||_F per layer
     prune_gamma: float = Field(1.0, gt=0, le=1)  # self-pruning: r_i <- floor(gamma r_i) when the tail shrinks; 1: off
     min_rank: int = Field(1, gt=0)  # self-pruning never goes below this rank
+
+
 class FedProxConfig(_Section):
     mu: float = Field(0.01, ge=0)  # weight of the proximal term μ/2 ‖θ − θ_global‖²
 

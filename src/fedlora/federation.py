@@ -225,9 +225,11 @@ class Server:
         self.sample_rng.bit_generator.state = s["sample_rng"]
 
 
-def apply_download(state: ClientState, dl: Download) -> ClientState:
+def apply_download(state: ClientState, dl: Download, method: Method) -> ClientState:
+    """The client's state once it has stored the download (as `method.decode_download` reads it)."""
     shared, personal = dict(state.shared), dict(state.personal)
-    for k, v in dl.tensors.items():
+    tensors = method.decode_download(dl.tensors, state.full()) if dl.tensors else dl.tensors
+    for k, v in tensors.items():
         (shared if k in shared else personal)[k] = v
     return ClientState(shared, personal)
 
@@ -245,11 +247,13 @@ def _fit_finish(method: Method, state: ClientState, dl: Download, trained: dict[
                 stats: dict[str, float], n_examples: int) -> tuple[Upload, ClientState]:
     t = dl.round
     uploaded = method.uploaded(t)
-    tensors = {k: v for k, v in trained.items() if factor_of(k) in uploaded}
+    start = state.full()
+    tensors = method.encode_upload({k: v for k, v in trained.items() if factor_of(k) in uploaded},
+                                   {**start, **trained})
     if method.cfg.privacy.dp != "none":  # clip the delta from the start state (+ local DP noise)
         from .privacy.dp import privatize_upload
 
-        start = state.full()
+        start = {**start, **method.encode_upload({k: start[k] for k in tensors if k in start}, start)}
         tensors = privatize_upload(tensors, start, method.cfg.privacy, method.cfg.seed, dl.client, t)
     sent, kept = method.after_local(state, trained, t, stats)  # a method's own tensors (SCAFFOLD's Δc_i, c_i)
     upload = Upload(dl.client, t, {**tensors, **sent}, n_examples=n_examples, metrics=stats)
@@ -266,7 +270,7 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
                stream: BatchStream, train: TrainConfig) -> tuple[Upload, ClientState]:
     """Apply the download, train locally, build the upload; returns the client's new state."""
     t = dl.round
-    state = apply_download(state, dl)
+    state = apply_download(state, dl, method)
     am.set_state(state.full())
     # training noise (the base model's dropout) from a generator seeded by (seed, client, round), not by
     # whatever ran before in this process: the same result in process or on a Flower SuperNode
@@ -288,7 +292,7 @@ def clients_fit(am: AdaptedModel, method: Method, states: list[ClientState], dls
     if len(states) == 1:
         return [client_fit(am, method, states[0], dls[0], datas[0], streams[0], train)]
     t = dls[0].round
-    starts = [apply_download(s, dl) for s, dl in zip(states, dls, strict=True)]
+    starts = [apply_download(s, dl, method) for s, dl in zip(states, dls, strict=True)]
     leaving = [_leaving(method, s, t) for s in starts]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_train_noise_seed(method.cfg.seed, t, [dl.client for dl in dls]))

@@ -196,7 +196,7 @@ class Run:
         state = self.clients[0 if self.method.pooled else cid]
         t = self.server.last_round + 1
         dl = {} if self.method.pooled else self.method.download(self.server, cid, t)
-        return apply_download(state, Download(cid, t, dl)).full()
+        return apply_download(state, Download(cid, t, dl), self.method).full()
 
     def single_model(self) -> bool:
         return self.method.pooled or all(not s.personal for s in self.clients.values())

@@ -137,11 +137,30 @@ class Method:
         """Extra columns for round t's metrics row (after aggregation)."""
         return {}
 
+    # --- client side: what the uploaded and downloaded tensors mean in the client's own model ---
+    @property
+    def encodes_upload(self) -> bool:
+        """Whether `encode_upload` maps the trained tensors before they are sent."""
+        return False
+
+    def encode_upload(self, tensors: dict[str, torch.Tensor],
+                      model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The uploaded `tensors` as they are sent, given the client's whole adapter state `model`
+        (CE-LoRA's common basis maps C into the shared initial A, B). Default: sent as trained."""
+        return tensors
+
+    def decode_download(self, tensors: dict[str, torch.Tensor],
+                        model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The downloaded `tensors` as the client stores them, given its adapter state `model` before the
+        download (the inverse of `encode_upload`). Default: stored as received."""
+        return tensors
+
     def upload_reference(self, server: Server, cid: int) -> dict[str, torch.Tensor]:
         """What client `cid` started this round with, as the server knows it, for keys the server does not hold
         (the update it is checked against is upload − start). Default: none; the server's own tensors and the
         seeded initial state cover every other key."""
         return {}
+
     def local_hook(self, state: ClientState, t: int) -> LocalHook | None:
         """An addition to client-side local training (a loss term, a per-step correction); None: plain."""
         return None

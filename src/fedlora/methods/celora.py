@@ -13,6 +13,14 @@ abstract leaves open is a named option (`method.celora.*`, see the project's met
                  local:  A, B train, stay personal (C_i and C_j drift into different bases);
                  warmup: A, B train in rounds 1..ab_warmup_rounds, then freeze.
     train C (+ A, B while they train);  upload C only (r² numbers per adapted matrix; + head if shared).
+      c_basis = own:    C_i is sent as trained, in client i's own A_i, B_i.
+      c_basis = common: C_i is sent in the shared initial basis A0, B0 (orthonormal, known to every
+                        client), the least-squares C whose B0 C A0 is closest to B_i C_i A_i:
+                          C̃_i = B0ᵀ B_i C_i A_i A0ᵀ                      (r×r, the same bytes),
+                        and a received C̄ (common basis) is stored as the C_i whose B_i C_i A_i is
+                        closest to B0 C̄ A0:  C_i = B_i⁺ B0 C̄ A0 A_i⁺.
+                        Σ_j w_ij C̃_j then adds coordinates that mean the same on every client; with
+                        A_i = A0, B_i = B0 (ab_train = frozen) both maps are the identity.
 
     Client i, when it first takes part (before its first download): its data descriptor
     (`client_descriptor`, from its own training data through the base model, ΔW = 0), sent once and
@@ -128,6 +136,7 @@ class CELoRA(Method):
         self.num_labels = 0
         self.dominant: list[int] = []  # each client's most frequent label: for the report's heatmap only
         self.init_c: dict[str, torch.Tensor] = {}
+        self.init_ab: dict[str, torch.Tensor] = {}
         self.run_dir: Path | None = None
         self.charged: dict[int, tuple[int, int]] = {}  # cid -> (round its descriptor was received, bytes)
         self._s_data: tuple[tuple[int, ...], np.ndarray] | None = None  # cache: (described ids, S^data)
@@ -143,11 +152,46 @@ class CELoRA(Method):
     def setup(self, sim: Run) -> None:
         init_tri_factors(sim.am, self.opt.ab_init, self.cfg.seed)
         self.init_c = sim.am.get_state({"C"})
+        self.init_ab = sim.am.get_state({"A", "B"})  # the common basis A0, B0 (c_basis: common)
         self.run_dir = Path(sim.run_dir)
         self.num_labels = sim.task.num_labels
         labels = np.asarray(sim.task.labels, dtype=np.int64)
         self.dominant = [int(np.bincount(labels[tr], minlength=self.num_labels).argmax()) if len(tr) else -1
                          for tr, _ in sim.split.clients]
+
+    # ---- the basis C travels in (client side) ----
+    @property
+    def encodes_upload(self) -> bool:
+        return self.opt.c_basis == "common"
+
+    def encode_upload(self, tensors: dict[str, torch.Tensor],
+                      model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """c_basis common: each C_i as C̃_i = B0ᵀ B_i C_i A_i A0ᵀ (in float64)."""
+        if not self.encodes_upload:
+            return tensors
+        out = dict(tensors)
+        for k in (k for k in tensors if factor_of(k) == "C"):
+            p = k[:-1]  # "<module path>."
+            a, b, a0, b0 = (x.to(tensors[k].device, torch.float64) for x in (
+                model[p + "A"], model[p + "B"], self.init_ab[p + "A"], self.init_ab[p + "B"]))
+            c = tensors[k].double()
+            out[k] = ((b0.T @ b) @ c @ (a @ a0.T)).to(tensors[k])  # (r, r)
+        return out
+
+    def decode_download(self, tensors: dict[str, torch.Tensor],
+                        model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """c_basis common: a received C̄ stored as C_i = B_i⁺ B0 C̄ A0 A_i⁺ (least squares, float64)."""
+        if not self.encodes_upload:
+            return tensors
+        out = dict(tensors)
+        for k in (k for k in tensors if factor_of(k) == "C"):
+            p = k[:-1]
+            a, b, a0, b0 = (x.to(tensors[k].device, torch.float64) for x in (
+                model[p + "A"], model[p + "B"], self.init_ab[p + "A"], self.init_ab[p + "B"]))
+            into_b = torch.linalg.lstsq(b, b0).solution  # (r, r): B_i⁺ B0
+            from_a = torch.linalg.lstsq(a.T, a0.T).solution.T  # (r, r): A0 A_i⁺
+            out[k] = (into_b @ tensors[k].double() @ from_a).to(tensors[k])
+        return out
 
     # ---- the data descriptor: computed on the client, released once, stored by the server ----
     def needs_descriptor(self, server: Server, cid: int) -> bool:

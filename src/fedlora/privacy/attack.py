@@ -108,7 +108,7 @@ def client_step(am: AdaptedModel, method: Method | None, state: ClientState, dl:
     weight); returns the server's observation of the upload. `optimizer`: "sgd" (plain, no clipping, no
     weight decay) or "adamw" (torch AdamW, first step, no clipping, no weight decay)."""
     t = dl.round
-    st = apply_download(state, dl)
+    st = apply_download(state, dl, method) if method is not None else state  # full: nothing is downloaded
     am.set_state(st.full())
     if method is None:
         train = full_params(am)
@@ -454,6 +454,9 @@ def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size:
     method = None if full else sim.method
     if not full and method_name != sim.method.name:
         raise ValueError(f"attack: the simulation runs method '{sim.method.name}', not '{method_name}'")
+    if not full and sim.method.encodes_upload:
+        raise ValueError(f"attack: method '{method_name}' sends its upload in a basis only the client knows "
+                         "(method.celora.c_basis: common); the server cannot replay its step")
     t = sim.server.last_round + 1
     dl = sim.server.download(cid, t) if not full else Download(cid, t, {})
     data = sim.client_train[cid]

@@ -62,7 +62,7 @@ class Simulation(Run):
         live = []
         for cid, dl in downloads.items():
             if self.cfg.federation.dropout_rate and self.dropout_rng.random() < self.cfg.federation.dropout_rate:
-                self.clients[cid] = apply_download(self.clients[cid], dl)  # received, then vanished
+                self.clients[cid] = apply_download(self.clients[cid], dl, self.method)  # received, then vanished
                 fitted[cid] = None
             else:
                 live.append(cid)

@@ -205,7 +205,7 @@ def client_train(msg: Message, context: Context) -> Message:
     stream = env.streams[cid]
     stream.load(meta["stream"] or {"epoch": 0, "offset": 0})
     if bool(msg.content["config"]["drop"]):  # federation.dropout_rate: received, then vanished
-        call.store.save(apply_download(call.state, dl), {**meta, "synced": call.synced_to}, None)
+        call.store.save(apply_download(call.state, dl, env.method), {**meta, "synced": call.synced_to}, None)
         return _reply(msg, {"status": "dropped", "client": cid, "round": t})
     upload, state = client_fit(env.am, env.method, call.state, dl, env.train_sets[cid], stream, env.cfg.train)
     metrics = {k: float(v) for k, v in upload.metrics.items()}
@@ -219,7 +219,7 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     if not call.in_sync():
         return call.resync(msg)
     env, c = call.env, msg.content["config"]
-    state = apply_download(call.state, Download(call.cid, call.t + 1, call.download)).full()
+    state = apply_download(call.state, Download(call.cid, call.t + 1, call.download), call.env.method).full()
     env.am.set_state(state)
     generate, own, on_global = bool(c["generate"]), [], []
     metrics = {}
