@@ -24,7 +24,7 @@ lint: $(STAMP)
 
 # pytest exits 5 when it collects no test: that is a failure here too (make stops on any non-zero)
 test: lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=15 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/fedlora demo
