@@ -99,16 +99,28 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for m in dict.fromkeys(r["method"] for r in rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    counts = sorted({r["clients"] for r in rows})
+    markers, styles = "osd^v<>", ["-", "--", ":", "-."]
+    for i, m in enumerate(methods):  # one colour and marker per method, one line style per client count
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["clients"])
-        ax[0].plot([r["clients"] for r in mine], [r["global_accuracy"] for r in mine], marker="o", label=m)
+        line = ax[0].errorbar([r["clients"] for r in mine], [r["global_accuracy"] for r in mine],
+                              yerr=[r["global_accuracy_std"] or 0.0 for r in mine], marker=markers[i % 7],
+                              capsize=3, label=m, alpha=0.85)[0]
         for r in mine:
             t, acc = zip(*r["curve"], strict=True)
-            ax[1].plot(t, acc, marker=".", label=f"{m}, {r['clients']} clients")
-    ax[0].set(xlabel="clients (same total data)", ylabel="global accuracy", xscale="log", title="final accuracy")
-    ax[1].set(xlabel="round", ylabel="global accuracy", title="accuracy vs round")
+            ax[1].plot(t, acc, marker=markers[i % 7], ls=styles[counts.index(r["clients"]) % 4],
+                       color=line.get_color(), label=f"{m}, {r['clients']} clients", alpha=0.85)
+    ax[0].set_xscale("log")
+    ax[0].set_xticks(counts, [str(c) for c in counts])
+    ax[0].minorticks_off()
+    ax[0].set(xlabel="clients (same total data)", ylabel="global accuracy (mean ± std over seeds)",
+              title="final accuracy")
+    ax[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax[1].set(xlabel="round", ylabel="global accuracy (mean over seeds)", title="accuracy vs round")
     ax[0].legend()
     ax[1].legend(fontsize=7)
     save_figure(fig, path)
