@@ -102,6 +102,12 @@ def test_attack_runs_on_method_uploads(tiny, method):
     assert r["observed_numbers"] == sum(sim.am.get_state()[k].numel() for k in sim.am.keys(want))
 
 
+def test_attack_refuses_an_upload_in_a_basis_only_the_client_knows(tiny):
+    sim = tiny(method={"name": "celora", "celora": {"c_basis": "common"}})
+    with pytest.raises(ValueError, match="c_basis: common"):
+        A.attack_client(sim, "celora", batch_size=2, steps=1)
+
+
 def test_clip_bounds_delta_norm():
     gen = torch.Generator().manual_seed(0)
     for scale in (0.01, 1.0, 100.0):
