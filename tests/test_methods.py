@@ -144,3 +144,30 @@ def test_rolora_downloads_only_the_factor_just_averaged(tiny):
     assert rows[0]["down_raw"] == 0  # round 1: the seeded init is built locally
     assert rows[1]["down_raw"] == rows[0]["up_raw"]  # round 2 downloads B (same size as the B uploads)
     assert rows[2]["down_raw"] == rows[1]["up_raw"]  # round 3 downloads A
+
+
+def test_lorafair_corrects_b_towards_the_average_product(tiny):
+    """B' = B̄ + ΔB solves min ‖P − B'Ā‖² + ρ‖B' − B̄‖² (its gradient vanishes), A stays FedAvg's Ā, B'Ā is
+    closer to P = Σ p_i B_i A_i than FedIT's B̄Ā, and the bytes are FedIT's."""
+    sim, rec = run(tiny, "lorafair", rounds=2)
+    lam = sim.cfg.method.lorafair.lam
+    assert lam > 0
+    for r in rec.rounds.values():
+        ups, n = r["uploads"], [u.n_examples for u in r["uploads"]]
+        for layer in sim.am.targets:
+            a_bar = weighted([u.tensors[f"{layer}.A"] for u in ups], n)
+            b_bar = weighted([u.tensors[f"{layer}.B"] for u in ups], n)
+            torch.testing.assert_close(r["after"][f"{layer}.A"].double(), a_bar, atol=1e-6, rtol=0)
+            p = weighted([u.tensors[f"{layer}.B"].double() @ u.tensors[f"{layer}.A"].double() for u in ups], n)
+            b = r["after"][f"{layer}.B"].double()
+            g = a_bar @ a_bar.T
+            rho = lam * torch.trace(g) / g.shape[0]
+            grad = (b @ a_bar - p) @ a_bar.T + rho * (b - b_bar)
+            fedit_grad = (b_bar @ a_bar - p) @ a_bar.T  # the same gradient at FedIT's B̄
+            assert grad.norm() < 1e-3 * fedit_grad.norm(), (grad.norm(), fedit_grad.norm())
+            assert (p - b @ a_bar).norm() < (p - b_bar @ a_bar).norm()
+    fedit, _ = run(tiny, "fedit", rounds=2)
+    rows = {m: [json.loads(x) for x in (s.run_dir / "metrics.jsonl").read_text().splitlines()]
+            for m, s in (("lorafair", sim), ("fedit", fedit))}
+    for a, b in zip(rows["lorafair"], rows["fedit"], strict=True):
+        assert (a["up_raw"], a["down_raw"]) == (b["up_raw"], b["down_raw"])

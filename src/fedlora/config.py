@@ -125,6 +125,11 @@ class FedDPAConfig(_Section):
     local_weight: float = Field(1.0, ge=0)  # the local adapter's weight in the mixed model at inference
 
 
+class LoRAFAIRConfig(_Section):
+    # ridge on the server's correction ΔB, relative to the mean eigenvalue of Ā Āᵀ; 0: plain least squares
+    lam: float = Field(0.01, ge=0)
+
+
 class MethodConfig(_Section):
     name: str = "fedit"
     head: Literal["shared", "personal"] | None = None  # None: the method's default
@@ -133,6 +138,7 @@ class MethodConfig(_Section):
     fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
     pfedgraph: PFedGraphConfig = Field(default_factory=PFedGraphConfig)
     feddpa: FedDPAConfig = Field(default_factory=FedDPAConfig)
+    lorafair: LoRAFAIRConfig = Field(default_factory=LoRAFAIRConfig)
 
 
 class FederationConfig(_Section):
