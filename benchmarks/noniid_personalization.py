@@ -144,14 +144,18 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     alphas = sorted({r["alpha"] for r in rows})
-    color = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["arm"] for r in rows))}  # one colour per arm
+    # one colour, marker and line style per arm: more arms than the 10-colour cycle must not share a look
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    cmap = plt.get_cmap("tab20")
+    look = {arm: {"color": cmap(i % 20), "marker": "osd^v<>PXh*"[i % 11], "ls": ["-", "--", ":", "-."][i % 4]}
+            for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(len(alphas), 2, figsize=(11, 4 * len(alphas)), squeeze=False)
     for i, a in enumerate(alphas):
         for r in [r for r in rows if r["alpha"] == a]:
             t, up, acc = zip(*r["curve"], strict=True)
-            axes[i, 0].plot(t, acc, marker="o", label=r["arm"], color=color[r["arm"]])
+            axes[i, 0].plot(t, acc, label=r["arm"], alpha=0.85, **look[r["arm"]])
             if r["up_mb"] > 0:  # nothing sent: no point on a log axis
-                axes[i, 1].plot(up, acc, marker="o", label=r["arm"], color=color[r["arm"]])
+                axes[i, 1].plot(up, acc, label=r["arm"], alpha=0.85, **look[r["arm"]])
         axes[i, 0].set(xlabel="round", ylabel="personalized accuracy", title=f"Dirichlet alpha {a}")
         axes[i, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         axes[i, 1].set(xlabel="cumulative uplink MB (log)", ylabel="personalized accuracy", xscale="log",
