@@ -164,6 +164,12 @@ class CELoRA(Method):
     def encodes_upload(self) -> bool:
         return self.opt.c_basis == "common"
 
+    def _bases(self, key: str, model: dict[str, torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The client's A_i, B_i and the common A0, B0 of C key `key`, in float64 on `like`'s device."""
+        p = key[:-1]  # "<module path>."
+        return tuple(x.to(like.device, torch.float64) for x in (model[p + "A"], model[p + "B"],
+                                                               self.init_ab[p + "A"], self.init_ab[p + "B"]))
+
     def encode_upload(self, tensors: dict[str, torch.Tensor],
                       model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """c_basis common: each C_i as C̃_i = B0ᵀ B_i C_i A_i A0ᵀ (in float64)."""
@@ -171,11 +177,8 @@ class CELoRA(Method):
             return tensors
         out = dict(tensors)
         for k in (k for k in tensors if factor_of(k) == "C"):
-            p = k[:-1]  # "<module path>."
-            a, b, a0, b0 = (x.to(tensors[k].device, torch.float64) for x in (
-                model[p + "A"], model[p + "B"], self.init_ab[p + "A"], self.init_ab[p + "B"]))
-            c = tensors[k].double()
-            out[k] = ((b0.T @ b) @ c @ (a @ a0.T)).to(tensors[k])  # (r, r)
+            a, b, a0, b0 = self._bases(k, model, tensors[k])
+            out[k] = ((b0.T @ b) @ tensors[k].double() @ (a @ a0.T)).to(tensors[k])  # (r, r)
         return out
 
     def decode_download(self, tensors: dict[str, torch.Tensor],
@@ -185,9 +188,7 @@ class CELoRA(Method):
             return tensors
         out = dict(tensors)
         for k in (k for k in tensors if factor_of(k) == "C"):
-            p = k[:-1]
-            a, b, a0, b0 = (x.to(tensors[k].device, torch.float64) for x in (
-                model[p + "A"], model[p + "B"], self.init_ab[p + "A"], self.init_ab[p + "B"]))
+            a, b, a0, b0 = self._bases(k, model, tensors[k])
             into_b = torch.linalg.lstsq(b, b0).solution  # (r, r): B_i⁺ B0
             from_a = torch.linalg.lstsq(a.T, a0.T).solution.T  # (r, r): A0 A_i⁺
             out[k] = (into_b @ tensors[k].double() @ from_a).to(tensors[k])

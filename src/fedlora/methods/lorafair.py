@@ -27,22 +27,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters import factor_of
-from .base import Method, register
+from .base import register
+from .fedit import FedIT
 
 if TYPE_CHECKING:
     from ..federation import Server, Upload
 
 
 @register
-class LoRAFAIR(Method):
+class LoRAFAIR(FedIT):
+    """FedIT's factors, uploads and downloads; only the server's aggregation differs."""
+
     name = "lorafair"
-    server_factors = frozenset({"A", "B"})
-
-    def train_factors(self, t: int) -> set[str]:
-        return {"A", "B"}
-
-    def upload_factors(self, t: int) -> set[str]:
-        return {"A", "B"}
 
     def aggregate(self, server: Server, t: int, uploads: list[Upload]) -> None:
         super().aggregate(server, t, uploads)  # Ā, B̄ (and the head)
