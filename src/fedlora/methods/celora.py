@@ -164,35 +164,28 @@ class CELoRA(Method):
     def encodes_upload(self) -> bool:
         return self.opt.c_basis == "common"
 
-    def _bases(self, key: str, model: dict[str, torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The client's A_i, B_i and the common A0, B0 of C key `key`, in float64 on `like`'s device."""
-        p = key[:-1]  # "<module path>."
-        return tuple(x.to(like.device, torch.float64) for x in (model[p + "A"], model[p + "B"],
-                                                               self.init_ab[p + "A"], self.init_ab[p + "B"]))
+    def _map_c(self, tensors: dict[str, torch.Tensor], model: dict[str, torch.Tensor], maps) -> dict[str, torch.Tensor]:
+        """Each C key as L C R, (L, R) = maps(A_i, B_i, A0, B0) in float64 (the client's and the common factors)."""
+        if not self.encodes_upload:
+            return tensors
+        out = dict(tensors)
+        for k in (k for k in tensors if factor_of(k) == "C"):
+            p = k[:-1]  # "<module path>."
+            left, right = maps(*(x.to(tensors[k].device, torch.float64) for x in (
+                model[p + "A"], model[p + "B"], self.init_ab[p + "A"], self.init_ab[p + "B"])))
+            out[k] = (left @ tensors[k].double() @ right).to(tensors[k])  # (r, r)
+        return out
 
     def encode_upload(self, tensors: dict[str, torch.Tensor],
                       model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """c_basis common: each C_i as C̃_i = B0ᵀ B_i C_i A_i A0ᵀ (in float64)."""
-        if not self.encodes_upload:
-            return tensors
-        out = dict(tensors)
-        for k in (k for k in tensors if factor_of(k) == "C"):
-            a, b, a0, b0 = self._bases(k, model, tensors[k])
-            out[k] = ((b0.T @ b) @ tensors[k].double() @ (a @ a0.T)).to(tensors[k])  # (r, r)
-        return out
+        """c_basis common: each C_i as C̃_i = B0ᵀ B_i C_i A_i A0ᵀ."""
+        return self._map_c(tensors, model, lambda a, b, a0, b0: (b0.T @ b, a @ a0.T))
 
     def decode_download(self, tensors: dict[str, torch.Tensor],
                         model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """c_basis common: a received C̄ stored as C_i = B_i⁺ B0 C̄ A0 A_i⁺ (least squares, float64)."""
-        if not self.encodes_upload:
-            return tensors
-        out = dict(tensors)
-        for k in (k for k in tensors if factor_of(k) == "C"):
-            a, b, a0, b0 = self._bases(k, model, tensors[k])
-            into_b = torch.linalg.lstsq(b, b0).solution  # (r, r): B_i⁺ B0
-            from_a = torch.linalg.lstsq(a.T, a0.T).solution.T  # (r, r): A0 A_i⁺
-            out[k] = (into_b @ tensors[k].double() @ from_a).to(tensors[k])
-        return out
+        """c_basis common: a received C̄ stored as C_i = B_i⁺ B0 C̄ A0 A_i⁺ (least squares)."""
+        return self._map_c(tensors, model, lambda a, b, a0, b0: (torch.linalg.lstsq(b, b0).solution,  # B_i⁺ B0
+                                                                 torch.linalg.lstsq(a.T, a0.T).solution.T))  # A0 A_i⁺
 
     # ---- the data descriptor: computed on the client, released once, stored by the server ----
     def needs_descriptor(self, server: Server, cid: int) -> bool:
