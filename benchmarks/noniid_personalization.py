@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,13 @@ def main() -> None:
         arms = arms_for(args.stage, base, methods, shared_head=a == alphas[0], quick=args.quick)
         rows += rows_from(run_arms(with_seeds(arms, seeds), out / name / f"alpha{a}",
                                    jobs=1 if args.quick else args.jobs), a)
-    write_json(out / f"{name}.json", {"rounds": rounds, "local_steps": steps, "stage": args.stage, "rows": rows})
+    # rows of an alpha not run this time are kept from the file, if it was written at the same budget
+    path = out / f"{name}.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if (old.get("rounds"), old.get("local_steps"), old.get("stage")) == (rounds, steps, args.stage):
+            rows = [r for r in old["rows"] if r["alpha"] not in alphas] + rows
+    write_json(path, {"rounds": rounds, "local_steps": steps, "stage": args.stage, "rows": rows})
     plot(rows, out / f"{name}.png")
     for a in alphas:  # the claim, in numbers, per alpha
         by = {r["arm"]: r for r in rows if r["alpha"] == a}
