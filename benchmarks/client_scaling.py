@@ -1,9 +1,12 @@
 """RoLoRA's client-scaling claim (its Table 2): the same data over more clients hurts FedIT and FFA-LoRA more.
 
-MiniLM-L6 on `rt-sentiment`, LoRA rank 2 on query/value, the same total number of training
+MiniLM-L6 on `rt-sentiment` (or `--task healthtweets-outlet`, 16 classes, harder, as the paper's
+MNLI is harder than its SST-2), LoRA rank 2 on query/value, the same total number of training
 examples split IID over 3, 20 and 50 clients, every client every round. The compute per round is
 held equal: each client runs one local epoch (its examples / batch size steps), so 3 clients take
-many steps each and 50 clients a few. FedIT, FFA-LoRA, RoLoRA, one shared model (shared head);
+many steps each and 50 clients a few. FedIT, FFA-LoRA, RoLoRA by default; the exact-aggregation methods FLoRA
+and FedEx-LoRA with `--methods fedit,ffa,rolora,flora,fedex` (their downloads grow with the client
+count: FLoRA's with the sum of the ranks, FedEx's residual is a full matrix). One shared model (shared head);
 the score is the global model's accuracy on the held-out global test set.
 
 Expected (the paper): similar at 3 clients; at 20 and 50 clients RoLoRA stays close to its
@@ -11,6 +14,7 @@ Expected (the paper): similar at 3 clients; at 20 and 50 clients RoLoRA stays cl
 averages; FFA's frozen random A limits what B can express).
 
     .venv/bin/python benchmarks/client_scaling.py             # 3 seeds: ~60 min on 2 cores
+    .venv/bin/python benchmarks/client_scaling.py --task healthtweets-outlet --methods fedit,ffa,rolora,flora,fedex
     .venv/bin/python benchmarks/client_scaling.py --quick     # tiny random BERT, seconds (test suite)
 """
 
@@ -28,9 +32,10 @@ from fedlora.report import call_text
 METHODS = ["fedit", "ffa", "rolora"]
 
 
-def config(quick: bool, method: str, clients: int, total: int, rounds: int, lr: float) -> dict:
+def config(quick: bool, method: str, clients: int, total: int, rounds: int, lr: float,
+           task_name: str = "rt-sentiment") -> dict:
     model = {"name": "tiny-bert", "max_length": 16} if quick else {"name": "minilm", "max_length": 64}
-    task = {"name": "synthetic"} if quick else {"name": "rt-sentiment"}
+    task = {"name": "synthetic"} if quick else {"name": task_name}
     batch = 16
     # the whole task is cut so that the clients' train parts hold `total` examples together
     task["max_examples"] = math.ceil(total / (0.8 * 0.95))
@@ -49,7 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--clients", default=None, help="default 3,20,50 (quick: 2,6)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="also: flora, fedex (exact aggregation)")
+    ap.add_argument("--task", default="rt-sentiment", help="rt-sentiment or healthtweets-outlet (ignored by --quick)")
     ap.add_argument("--total", type=int, default=None, help="training examples over all clients (default 1200)")
     ap.add_argument("--rounds", type=int, default=None, help="default 6")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -59,9 +65,10 @@ def main() -> None:
     args = ap.parse_args()
     counts = [int(c) for c in (args.clients or ("2,6" if args.quick else "3,20,50")).split(",")]
     total, rounds = args.total or (120 if args.quick else 1200), args.rounds or (2 if args.quick else 6)
-    name = "client_scaling" + ("_quick" if args.quick else "")
+    name = "client_scaling" + ("" if args.quick or args.task == "rt-sentiment" else f"_{args.task}") + (
+        "_quick" if args.quick else "")
     seeds = args.seeds or (1 if args.quick else 3)
-    arms = [(f"{m}-{k}", config(args.quick, m, k, total, rounds, args.lr))
+    arms = [(f"{m}-{k}", config(args.quick, m, k, total, rounds, args.lr, args.task))
             for k in counts for m in args.methods.split(",")]
     configs = dict(arms)
     results = by_arm(run_arms(with_seeds(arms, seeds), Path(args.out) / name, jobs=1 if args.quick else args.jobs))
@@ -74,7 +81,8 @@ def main() -> None:
         rows.append({"method": m, "clients": int(k), "global_accuracy": float(np.mean(acc)),
                      "global_accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
                      "seed_values": acc, "local_steps": configs[label]["train"]["local_steps"],
-                     "up_mb": runs[0][0]["up_raw"] / 1e6, "wall_s": float(np.mean([s["wall_s"] for s, _ in runs])),
+                     "up_mb": runs[0][0]["up_raw"] / 1e6, "down_mb": runs[0][0]["down_raw"] / 1e6,
+                     "wall_s": float(np.mean([s["wall_s"] for s, _ in runs])),
                      "curve": list(zip(evaluated, np.mean(curves, axis=0).tolist(), strict=True))})
     for m in args.methods.split(","):  # accuracy drop from the fewest clients, with its 2-SE call
         mine = {r["clients"]: r for r in rows if r["method"] == m}
@@ -82,16 +90,19 @@ def main() -> None:
         for r in mine.values():
             r["drop_vs_fewest"] = float(np.mean(fewest) - r["global_accuracy"])
             r["drop_call"] = call_text(fewest, r["seed_values"])
-    write_json(Path(args.out) / f"{name}.json", {"total_examples": total, "rounds": rounds, "seeds": seeds,
+    write_json(Path(args.out) / f"{name}.json", {"task": "synthetic" if args.quick else args.task,
+                                                 "total_examples": total, "rounds": rounds, "seeds": seeds,
                                                  "rows": rows})
     plot(rows, Path(args.out) / f"{name}.png")
-    print(f"{total} training examples in all, IID, {rounds} rounds, one local epoch per round, rank 2, "
+    print(f"{'synthetic' if args.quick else args.task}: {total} training examples in all, IID,"
+          f" {rounds} rounds, one local epoch per round, rank 2, "
           f"{seeds} seed(s): mean, sample std; a drop counts only beyond 2 SE")
     print(markdown(rows, [("method", "method", "s"), ("clients", "clients", "d"),
                           ("local_steps", "local steps / round", "d"),
                           ("global_accuracy", "global acc", ".3f"), ("global_accuracy_std", "± std", ".3f"),
                           ("drop_call", "drop vs fewest clients (2-SE call)", "s"),
-                          ("up_mb", "uplink MB", ".2f"), ("wall_s", "wall s", ".0f")]))
+                          ("up_mb", "uplink MB", ".2f"), ("down_mb", "downlink MB", ".2f"),
+                          ("wall_s", "wall s", ".0f")]))
 
 
 def plot(rows: list[dict], path: Path) -> None:
