@@ -23,8 +23,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 # pytest exits 5 when it collects no test: that is a failure here too (make stops on any non-zero)
+# two workers (pytest-xdist), one torch thread each: the Flower and benchmark tests wait on subprocesses
+TEST_WORKERS ?= 2
 test: lint
-	$(VENV)/bin/pytest -q --durations=15 tests
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/fedlora demo
