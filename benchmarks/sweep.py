@@ -1,7 +1,9 @@
 """Shared by the accuracy benchmarks: run a list of named configs (arms), skip finished ones, print a table.
 
 Each arm is one `Simulation` run in its own folder (`<out>/runs/<label>`); an arm whose summary.json
-exists is read back, not rerun, and one stopped mid-way resumes from its last checkpointed round. With `jobs` > 1
+exists is read back, not rerun, and one stopped mid-way resumes from its last checkpointed round, but
+only if its stored config equals the requested one (a field added since at its default counts as equal):
+otherwise the sweep stops with one line naming the folder and the fields. With `jobs` > 1
 the arms run in that many worker processes with one torch thread each: on this 2-core box two
 one-thread MiniLM runs side by side took 224–235 s each, one two-thread run alone 130 s (~1.13x
 more arms per hour side by side).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import sys
 import time
 from pathlib import Path
 
@@ -36,11 +39,19 @@ def _run_one(job: tuple[str, dict, str]) -> str:
 
 def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str, tuple[dict, list[dict]]]:
     """Run every (label, config dict) not finished yet; return {label: (summary, metrics rows)}."""
+    from fedlora.config import build_config
+    from fedlora.rundir import config_differences
+
     todo = []
     for label, cfg in arms:
         run_dir = out / "runs" / label
+        cfg = {**cfg, "name": label, "output": {**cfg.get("output", {}), "save_client_states": False}}
+        changed = config_differences(build_config(cfg), run_dir, ("output.", "name", "threads"))
+        if changed:
+            print(f"{run_dir}: stored run has a different config ({', '.join(changed[:5])}); "
+                  "delete it or pass another --out", file=sys.stderr)
+            raise SystemExit(2)
         if not (run_dir / "summary.json").is_file():
-            cfg = {**cfg, "name": label, "output": {**cfg.get("output", {}), "save_client_states": False}}
             cfg["threads"] = 1 if jobs > 1 else cfg.get("threads")
             todo.append((label, cfg, str(run_dir)))
     print(f"{len(arms) - len(todo)} of {len(arms)} arms finished earlier; running {len(todo)} (jobs={jobs})",

@@ -104,26 +104,9 @@ def summary_table(rows: list[dict], title: str = "results") -> Table:
 RESUMABLE_CHANGES = ("federation.rounds", "eval.every", "output.", "name", "threads")
 
 
-def config_differences(cfg, run_dir: Path, allowed: tuple[str, ...]) -> list[str] | None:
-    """Fields whose value differs between `cfg` and the run directory's resolved config.yaml (None: no config)."""
-    import yaml
-
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return None
-    saved, now = yaml.safe_load(saved_path.read_text()) or {}, cfg.model_dump(mode="json")
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-        return out
-
-    a, b = flat(saved), flat(now)
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(allowed)]
-
-
 def check_resumable(cfg, run_dir: Path) -> None:
+    from .rundir import config_differences
+
     changed = config_differences(cfg, run_dir, RESUMABLE_CHANGES)
     if changed is None:
         fail(f"--resume: not a run directory (no config.yaml): {run_dir}")
@@ -215,6 +198,7 @@ def compare(config: Path = typer.Argument(..., help="base YAML config"),
     from .checkpoint import has_checkpoint
     from .config import load_config
     from .report import write_report
+    from .rundir import config_differences
 
     _quiet_libraries()
     if head not in ("shared", "personal"):

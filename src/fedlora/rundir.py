@@ -27,6 +27,36 @@ def start(run_dir: Path, cfg: RunConfig, adapter_meta: dict) -> None:
     (run_dir / "adapter_meta.json").write_text(json.dumps(adapter_meta, indent=2))
 
 
+def config_differences(cfg: RunConfig, run_dir: Path, allowed: tuple[str, ...] = ()) -> list[str] | None:
+    """Fields whose value differs between `cfg` and the run directory's config.yaml (None: no config).
+
+    The stored config is read through today's schema first, so a field added since with a default that
+    keeps the old behaviour compares equal; one it no longer validates under counts as all different.
+    Fields starting with a prefix in `allowed` are ignored."""
+    import yaml
+
+    from .config import build_config
+    from .errors import ConfigError
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return None
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    try:
+        saved = build_config(saved).model_dump(mode="json")
+    except ConfigError as e:
+        return [f"the stored config ({e})"]
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    a, b = flat(saved), flat(cfg.model_dump(mode="json"))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(allowed)]
+
+
 def write_rounds(run_dir: Path, history: list[dict], rounds: int, run_round: Callable[[int], dict],
                  after_round: Callable[[int, dict], None]) -> None:
     """Rewrite metrics.jsonl from `history` (a resumed run's checkpointed rows; rows of later rounds are dropped),
