@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, write_json
 
-from fedlora.report import call_text
+from fedlora.report import call_text, late_gain_text
 
 METHODS = ["fedit", "ffa", "rolora"]
 
@@ -84,6 +84,7 @@ def main() -> None:
                      "up_mb": runs[0][0]["up_raw"] / 1e6, "down_mb": runs[0][0]["down_raw"] / 1e6,
                      "wall_s": float(np.mean([s["wall_s"] for s, _ in runs])),
                      "curve": list(zip(evaluated, np.mean(curves, axis=0).tolist(), strict=True))})
+        rows[-1]["late_gain"] = late_gain_text(rows[-1]["curve"])
     for m in args.methods.split(","):  # accuracy drop from the fewest clients, with its 2-SE call
         mine = {r["clients"]: r for r in rows if r["method"] == m}
         fewest = mine[min(mine)]["seed_values"]
@@ -101,6 +102,7 @@ def main() -> None:
                           ("local_steps", "local steps / round", "d"),
                           ("global_accuracy", "global acc", ".3f"), ("global_accuracy_std", "± std", ".3f"),
                           ("drop_call", "drop vs fewest clients (2-SE call)", "s"),
+                          ("late_gain", "last-20% gain", "s"),
                           ("up_mb", "uplink MB", ".2f"), ("down_mb", "downlink MB", ".2f"),
                           ("wall_s", "wall s", ".0f")]))
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, write_json
 
-from fedlora.report import call_text, head_bytes_per_upload
+from fedlora.report import call_text, head_bytes_per_upload, late_gain_text
 
 # learning rates per method: A/B factors, the core C, the head (set from --stage tune; see benchmarks/README.md)
 # winners of --stage tune (2026-11-28): FedIT and FFA-LoRA 3e-3 over 1e-3; RoLoRA, FedSA, local-only and
@@ -134,6 +134,8 @@ def rows_from(results: dict, alpha: float) -> list[dict]:
                      "curve": [(r["round"], r["cum_up_raw"] / 1e6, a) for r, a in
                                zip([r for r in hist if r.get("personal_accuracy") is not None], mean_curve,
                                    strict=True)]})
+    for r in rows:
+        r["late_gain"] = late_gain_text([(t, a) for t, _, a in r["curve"]])
     return rows
 
 
@@ -217,7 +219,7 @@ def main() -> None:
                           ("up_adapter_per_client_round", "uplink B / client / round (adapter)", ",.0f"),
                           ("up_head_per_client_round", "head B", ",.0f"), ("up_mb", "uplink MB total", ".2f"),
                           ("descriptor_bytes", "descriptor B total", ",.0f"), ("self_weight", "mean w_ii", ".2f"),
-                          ("collaborators", "collaborators", ".1f"),
+                          ("collaborators", "collaborators", ".1f"), ("late_gain", "last-20% gain", "s"),
                           ("wall_s", "wall s", ".0f")]))
 
 

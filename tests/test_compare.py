@@ -22,6 +22,7 @@ def test_compare_writes_report_and_plots_and_skips_finished_runs(tmp_path):
     for m in ("fedit", "rolora", "local"):
         assert f"| {m} |" in report
     assert " ± " in report  # two seeds -> mean ± std
+    assert report.count("since round 1 (") == 3  # each method's gain over its last 20 % of rounds
     for png in ("accuracy_vs_round.png", "accuracy_vs_uplink.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "runs").iterdir())) == 6

@@ -18,7 +18,7 @@ from fedlora.cli import app
 from fedlora.config import build_config
 from fedlora.data import load_task, split_task
 from fedlora.data.partition import make_partitioner
-from fedlora.report import _style, versus_best
+from fedlora.report import _style, late_gain, late_gain_text, versus_best
 from fedlora.runtime.simulation import Simulation
 from fedlora.seeding import rng
 
@@ -229,6 +229,16 @@ def test_a_win_needs_two_standard_errors():
     vs = versus_best(groups, "personal_accuracy", True)
     assert vs["a"] == "best"
     assert "beyond 2 SE" in vs["b"] and "within 2 SE" in vs["c"] and "no call" in vs["d"]
+
+
+def test_late_gain_measures_the_last_fifth_of_the_rounds():
+    every_round = [(t, 0.5 + 0.01 * t) for t in range(1, 11)]
+    assert late_gain(every_round) == pytest.approx((0.02, 8))  # rounds 8 -> 10
+    assert late_gain([(3, 0.52), (6, 0.565)]) == pytest.approx((0.045, 3))  # only round 3 is early enough
+    assert late_gain([(2, 0.70), (4, 0.75), (6, 0.737)]) == pytest.approx((-0.013, 4))
+    assert late_gain([(6, 0.7)]) is None
+    assert late_gain_text([(3, 0.52), (6, 0.565)]).endswith("(rising)")
+    assert late_gain_text([(2, 0.70), (4, 0.75), (6, 0.737)]).endswith("(flat)")
 
 
 def test_plot_styles_keep_methods_apart():

@@ -60,6 +60,29 @@ def call_text(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> str:
     return f"{diff:+.3f} ({'beyond' if abs(diff) > two_se else 'within'} 2 SE = {two_se:.3f})"
 
 
+def late_gain(points: list[tuple[int, float]], fraction: float = 0.2) -> tuple[float, int] | None:
+    """How much a curve still gains over its last `fraction` of rounds: value at the final round minus the
+    value at the latest evaluated round r0 <= (1 - fraction) * T, with r0 (so the window is at least that
+    long). None without such a point. A curve has flattened when the gain is below one point (0.01)."""
+    points = sorted(points)
+    if not points:
+        return None
+    final_round, final = points[-1]
+    earlier = [(t, v) for t, v in points if t <= (1 - fraction) * final_round]
+    if not earlier:
+        return None
+    t0, v0 = earlier[-1]
+    return float(final - v0), int(t0)
+
+
+def late_gain_text(points: list[tuple[int, float]]) -> str:
+    """'+0.045 since round 3 (rising)', '+0.004 since round 8 (flat)' or '–' (too few evaluated rounds)."""
+    g = late_gain(points)
+    if g is None:
+        return "–"
+    return f"{g[0]:+.3f} since round {g[1]} ({'flat' if g[0] < 0.01 else 'rising'})"
+
+
 def versus_best(groups: dict[str, list[tuple[dict, list[dict]]]], key: str, higher: bool) -> dict[str, str]:
     """Each method against the best mean: the difference, and whether it exceeds two standard errors of the
     difference, SE = sqrt(s_a²/n_a + s_b²/n_b) (sample std over seeds). Only then is it a win; one seed: never."""
@@ -76,19 +99,21 @@ def markdown_table(runs: list[tuple[dict, list[dict]]]) -> str:
     groups = group_by_method(runs)
     vs = versus_best(groups, key, higher)
     head = ("| method | head | seeds | global accuracy | personalized accuracy | vs best (personal) | uplink MB "
-            "| downlink MB | uplink / client / round: adapter B | head B | wall s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+            "| downlink MB | uplink / client / round: adapter B | head B | last-20% gain | wall s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for method, group in groups.items():
         s0, rows0 = group[0]
         head_per = [head_bytes_per_upload(rows) for _, rows in group]
+        rounds, curve, _ = _curves(group, key)
+        gain = late_gain_text(list(zip(rounds, curve, strict=True))) if higher else "–"
         lines.append(
             f"| {method} | {s0['head']} | {len(group)} | {mean_std([s['global_accuracy'] for s, _ in group])} "
             f"| {mean_std([s['personal_accuracy'] for s, _ in group])} | {vs.get(method, '–')} "
             f"| {np.mean([s['up_raw'] for s, _ in group]) / 1e6:.3f} "
             f"| {np.mean([s['down_raw'] for s, _ in group]) / 1e6:.3f} "
             f"| {np.mean([s['up_raw_adapter_per_client_round'] for s, _ in group]):,.0f} "
-            f"| {np.mean(head_per):,.0f} | {np.mean([s['wall_s'] for s, _ in group]):.0f} |")
+            f"| {np.mean(head_per):,.0f} | {gain} | {np.mean([s['wall_s'] for s, _ in group]):.0f} |")
     return "\n".join(lines)
 
 
@@ -217,7 +242,9 @@ def write_report(run_dirs: list[Path], out_dir: Path, title: str, head: str | No
             + policy +
             "A difference is called a win only when it exceeds two standard errors of the difference "
             "(`vs best`). Uplink and downlink are raw tensor bytes over the whole run, the final downloads "
-            "included; the per-client-per-round columns split adapter and head bytes.\n\n" + markdown_table(runs) +
+            "included; the per-client-per-round columns split adapter and head bytes. `last-20% gain`: what the "
+            "mean personalized accuracy still gained over the last 20 % of rounds; a curve is flat below one "
+            "point, and a claim from a rising curve is provisional.\n\n" + markdown_table(runs) +
             "\n\n![accuracy vs round](accuracy_vs_round.png)\n\n![accuracy vs uplink](accuracy_vs_uplink.png)\n"
             + celora_sections(run_dirs, out_dir))
     path = out_dir / "report.md"
