@@ -17,6 +17,10 @@ Two stages, on different data:
   --stage test   every method with its tuned options, scored on the clients' test splits.
 
     .venv/bin/python benchmarks/noniid_personalization.py --stage tune
+    # or screen every arm at one seed, then give the best arms and every baseline arm their other seeds
+    # (seed 0 is reused; the table's `seeds` column says which rows have 3):
+    .venv/bin/python benchmarks/noniid_personalization.py --stage tune --seeds 1
+    .venv/bin/python benchmarks/noniid_personalization.py --stage tune --arms celora,...,local,fedit-lr-0.003
     .venv/bin/python benchmarks/noniid_personalization.py --stage test
     .venv/bin/python benchmarks/noniid_personalization.py --quick     # tiny random BERT, the test suite's smoke run
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +179,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--alphas", default=None, help="default: 0.1,0.5 (test), 0.1 (tune)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--arms", default=None, help="only these arm labels (e.g. to give the best arms of a "
+                                                 "1-seed screen their other seeds); default: all")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="local steps per round")
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side, one torch thread each")
@@ -192,14 +199,22 @@ def main() -> None:
         base = base_config(args.quick, a, rounds, steps, args.stage)
         # the usual FedIT (shared head): first alpha only
         arms = arms_for(args.stage, base, methods, shared_head=a == alphas[0], quick=args.quick)
+        if args.arms:
+            wanted = args.arms.split(",")
+            unknown = sorted(set(wanted) - {label for label, _ in arms})
+            if unknown:
+                print(f"--arms: no arm named {', '.join(unknown)} in stage {args.stage}", file=sys.stderr)
+                raise SystemExit(2)
+            arms = [(label, c) for label, c in arms if label in wanted]
         rows += rows_from(run_arms(with_seeds(arms, seeds), out / name / f"alpha{a}",
                                    jobs=1 if args.quick else args.jobs), a)
-    # rows of an alpha not run this time are kept from the file, if it was written at the same budget
+    # rows of an (alpha, arm) not run this time are kept from the file, if it was written at the same budget
     path = out / f"{name}.json"
     if path.exists():
         old = json.loads(path.read_text())
         if (old.get("rounds"), old.get("local_steps"), old.get("stage")) == (rounds, steps, args.stage):
-            rows = [r for r in old["rows"] if r["alpha"] not in alphas] + rows
+            now = {(r["alpha"], r["arm"]) for r in rows}
+            rows = [r for r in old["rows"] if (r["alpha"], r["arm"]) not in now] + rows
     write_json(path, {"rounds": rounds, "local_steps": steps, "stage": args.stage, "rows": rows})
     plot(rows, out / f"{name}.png")
     for a in alphas:  # the claim, in numbers, per alpha
@@ -213,7 +228,7 @@ def main() -> None:
     print(f"split: {'validation' if args.stage == 'tune' else 'test'}; {seeds} seed(s) per arm (mean, sample std; "
           f"a difference is a win only beyond 2 SE); {rounds} rounds x {steps} local steps, "
           f"all clients every round; mean personalized accuracy {np.mean([r['personal_accuracy'] for r in rows]):.3f}")
-    print(markdown(rows, [("alpha", "alpha", "g"), ("arm", "arm", "s"), ("head", "head", "s"),
+    print(markdown(rows, [("alpha", "alpha", "g"), ("arm", "arm", "s"), ("head", "head", "s"), ("seeds", "seeds", "d"),
                           ("personal_accuracy", "personalized acc", ".3f"), ("personal_accuracy_std", "± std", ".3f"),
                           ("global_accuracy", "global acc", ".3f"),
                           ("up_adapter_per_client_round", "uplink B / client / round (adapter)", ",.0f"),
