@@ -116,6 +116,10 @@ def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = Tru
     return out
 
 
+def last_metric(hist: list[dict], key: str) -> float | None:
+    return next((r[key] for r in reversed(hist) if key in r), None)
+
+
 def rows_from(results: dict, alpha: float) -> list[dict]:
     """One row per arm: means over its seeds (sample std beside the personalized accuracy), curves averaged."""
     rows = []
@@ -136,6 +140,9 @@ def rows_from(results: dict, alpha: float) -> list[dict]:
                                          None),
                      "collaborators": next((r["celora_collaborators"] for r in reversed(hist)
                                             if "celora_collaborators" in r), None),
+                     # CE-LoRA, last round: mean ΔC cosine between clients and its correlation with data similarity
+                     "param_similarity": last_metric(hist, "celora_param_similarity"),
+                     "similarity_agreement": last_metric(hist, "celora_similarity_agreement"),
                      "curve": [(r["round"], r["cum_up_raw"] / 1e6, a) for r, a in
                                zip([r for r in hist if r.get("personal_accuracy") is not None], mean_curve,
                                    strict=True)]})
@@ -234,7 +241,8 @@ def main() -> None:
                           ("up_adapter_per_client_round", "uplink B / client / round (adapter)", ",.0f"),
                           ("up_head_per_client_round", "head B", ",.0f"), ("up_mb", "uplink MB total", ".2f"),
                           ("descriptor_bytes", "descriptor B total", ",.0f"), ("self_weight", "mean w_ii", ".2f"),
-                          ("collaborators", "collaborators", ".1f"), ("late_gain", "last-20% gain", "s"),
+                          ("collaborators", "collaborators", ".1f"), ("param_similarity", "ΔC cos", ".2f"),
+                          ("similarity_agreement", "ΔC~data r", ".2f"), ("late_gain", "last-20% gain", "s"),
                           ("wall_s", "wall s", ".0f")]))
 
 

@@ -370,6 +370,13 @@ def test_metrics_row_shows_the_sharing(tmp_path):
         w = sim.method.last_weights["weights"]
         assert rows[lam][-1]["celora_self_weight"] == pytest.approx(np.diag(w).mean())
         assert rows[lam][-1]["celora_collaborators"] == pytest.approx(np.mean(1 / (w**2).sum(1)))
+        # the similarity diagnostics: means over distinct client pairs, and their agreement
+        lw = sim.method.last_weights
+        pairs = np.triu_indices(4, 1)
+        sp, sd = lw["s_param"][pairs], lw["s_data"][pairs]
+        assert rows[lam][-1]["celora_param_similarity"] == pytest.approx(sp.mean())
+        assert rows[lam][-1]["celora_data_similarity"] == pytest.approx(sd.mean())
+        assert rows[lam][-1]["celora_similarity_agreement"] == pytest.approx(np.corrcoef(sp, sd)[0, 1])
     assert all(r["celora_self_weight"] == pytest.approx(0.3) for r in rows[0.3])
     assert all(r["celora_collaborators"] > 1.5 for r in rows[0.3])
     assert all(0 < r["celora_self_weight"] < 0.9 for r in rows["auto"])

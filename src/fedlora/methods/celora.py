@@ -329,14 +329,27 @@ class CELoRA(Method):
         self._save(server, t)
 
     def round_metrics(self, server: Server, t: int) -> dict:
-        """The sharing this round: mean w_ii and mean effective number of collaborators 1 / Σ_j w_ij²."""
+        """The sharing this round: mean w_ii and mean effective number of collaborators 1 / Σ_j w_ij²; and
+        whether C̄ can mean anything: the mean ΔC cosine between distinct clients (S^param off the diagonal),
+        the mean data similarity, and their Pearson correlation over the client pairs (near 0: the two
+        signals disagree on who is alike, as when each C lives in its own drifting A, B basis)."""
         lw = self.last_weights
         if lw is None or lw["round"] != t:
             return {}
         w = lw["weights"]
-        return {"celora_self_weight": float(np.mean(np.diag(w))),
-                "celora_collaborators": float(np.mean(1.0 / np.sum(w**2, axis=1))),
-                "celora_descriptors": len(self.state(server)["descriptors"])}
+        out = {"celora_self_weight": float(np.mean(np.diag(w))),
+               "celora_collaborators": float(np.mean(1.0 / np.sum(w**2, axis=1))),
+               "celora_descriptors": len(self.state(server)["descriptors"])}
+        pairs = np.triu(np.ones_like(w, dtype=bool), 1)
+        sp, sd = lw["s_param"][pairs], lw["s_data"][pairs]
+        if np.isfinite(sp).any():
+            out["celora_param_similarity"] = float(np.nanmean(sp))
+        if np.isfinite(sd).any():
+            out["celora_data_similarity"] = float(np.nanmean(sd))
+        both = np.isfinite(sp) & np.isfinite(sd)
+        if both.sum() >= 3 and sp[both].std() > 0 and sd[both].std() > 0:
+            out["celora_similarity_agreement"] = float(np.corrcoef(sp[both], sd[both])[0, 1])
+        return out
 
     def _save(self, server: Server, t: int) -> None:
         if self.run_dir is None:
