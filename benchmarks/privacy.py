@@ -162,7 +162,9 @@ def plot(rec: list[dict], dp: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [p for p, rows in (("attack", rec), ("dp", dp)) if rows]  # one panel per part that ran
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    ax = dict(zip(panels, axes[0], strict=True))
     methods = list(dict.fromkeys(r["method"] for r in rec))
     sizes = sorted({r["batch_size"] for r in rec})
     width = 0.8 / max(1, len(sizes))
@@ -170,18 +172,20 @@ def plot(rec: list[dict], dp: list[dict], path: Path) -> None:
         got = [next((r for r in rec if r["method"] == m and r["batch_size"] == b), None) for m in methods]
         f1 = [g["f1"] if g else 0.0 for g in got]
         err = [[g["f1"] - g["f1_lo"] if g else 0.0 for g in got], [g["f1_hi"] - g["f1"] if g else 0.0 for g in got]]
-        ax[0].bar(np.arange(len(methods)) + j * width, f1, width, yerr=err, capsize=3, label=f"batch {b}")
-    ax[0].set_xticks(np.arange(len(methods)) + width * (len(sizes) - 1) / 2, methods)
-    ax[0].set(ylabel="token F1 (mean, 95 % CI)", title="gradient inversion on each method's upload")
-    ax[0].legend()
+        ax["attack"].bar(np.arange(len(methods)) + j * width, f1, width, yerr=err, capsize=3, label=f"batch {b}")
+    if rec:
+        ax["attack"].set_xticks(np.arange(len(methods)) + width * (len(sizes) - 1) / 2, methods)
+        ax["attack"].set(ylabel="token F1 (mean, 95 % CI)", title="gradient inversion on each method's upload")
+        ax["attack"].legend()
     for m in dict.fromkeys(r["method"] for r in dp):
         pts = sorted((r["epsilon"], r["personal_accuracy"]) for r in dp if r["method"] == m and r["sigma"])
         nodp = next(r["personal_accuracy"] for r in dp if r["method"] == m and r["sigma"] is None)
-        line = ax[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)[0]
-        ax[1].axhline(nodp, ls=":", color=line.get_color())
-    ax[1].set(xlabel="epsilon (delta 1e-5), log", ylabel="personalized accuracy", xscale="log",
-              title="accuracy vs client-level local DP (dotted: no DP)")
-    ax[1].legend()
+        line = ax["dp"].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)[0]
+        ax["dp"].axhline(nodp, ls=":", color=line.get_color())
+    if dp:
+        ax["dp"].set(xlabel="epsilon (delta 1e-5), log", ylabel="personalized accuracy", xscale="log",
+                     title="accuracy vs client-level local DP (dotted: no DP)")
+        ax["dp"].legend()
     save_figure(fig, path)
 
 
@@ -222,7 +226,7 @@ def main() -> None:
     claim = celora_claim(rec)
     write_json(Path(args.out) / f"{name}.json", {"head": args.head, "token_recovery": rec, "celora_claim": claim,
                                                  "dp": dp, "attack_steps": args.attack_steps, "search": args.search})
-    if rec and dp:
+    if rec or dp:
         plot(rec, dp, Path(args.out) / f"{name}.png")
     if dp:
         print(markdown(dp, [("method", "method", "s"), ("sigma", "sigma", "g"), ("clip", "clip S", ".3g"),
