@@ -46,10 +46,11 @@ from fedlora.report import call_text, head_bytes_per_upload, late_gain_text
 # centralized take FedIT's; CE-LoRA's C 0.1 over 3e-2 (its A/B keep 1e-3, not tuned)
 LR = {"fedit": 3e-3, "ffa": 3e-3, "rolora": 3e-3, "fedsa": 3e-3, "celora": 1e-3, "local": 3e-3, "centralized": 3e-3,
       # the FL-optimizer and personalization baselines take FedIT's lr (not tuned)
-      "fedprox": 3e-3, "scaffold": 3e-3, "pfedgraph": 3e-3, "feddpa": 3e-3, "lorafair": 3e-3}
+      "fedprox": 3e-3, "scaffold": 3e-3, "pfedgraph": 3e-3, "feddpa": 3e-3, "lorafair": 3e-3,
+      "ravan": 3e-3}  # RAVAN trains only C, at LR_C as CE-LoRA's
 LR_C = 1e-1
 METHODS = ["fedit", "ffa", "rolora", "fedsa", "celora", "fedprox", "scaffold", "pfedgraph", "feddpa", "lorafair",
-           "local", "centralized"]
+           "ravan", "local", "centralized"]
 
 
 def base_config(quick: bool, alpha: float, rounds: int, steps: int, stage: str) -> dict:

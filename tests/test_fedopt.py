@@ -300,7 +300,7 @@ def test_new_methods_run_in_compare(tmp_path):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tmp_path, name="cmp", federation={"rounds": 2})))
-    methods = ["fedprox", "scaffold", "pfedgraph", "feddpa", "lorafair"]
+    methods = ["fedprox", "scaffold", "pfedgraph", "feddpa", "lorafair", "ravan"]
     res = CliRunner().invoke(app, ["compare", str(cfg), "--methods", ",".join(methods), "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     report = (tmp_path / "o" / "report.md").read_text()

@@ -171,3 +171,50 @@ def test_lorafair_corrects_b_towards_the_average_product(tiny):
             for m, s in (("lorafair", sim), ("fedit", fedit))}
     for a, b in zip(rows["lorafair"], rows["fedit"], strict=True):
         assert (a["up_raw"], a["down_raw"]) == (b["up_raw"], b["down_raw"])
+
+
+def test_ravan_sends_only_the_head_blocks_and_aggregates_them_exactly(tiny):
+    """h heads on frozen shared bases: every upload is the (h, q, q) blocks of C, the server's C is their
+    example-weighted mean laid out block-diagonally, so B C̄ A = Σ p_i B C_i A exactly; A and B never move,
+    the off-diagonal blocks never train, and the update reaches rank R = h q at h q² numbers per layer."""
+    from fedlora.federation import apply_download, client_fit
+    from fedlora.methods.ravan import unpack
+
+    heads, r = 2, 4
+    sim, rec = run(tiny, "ravan", rounds=2, adapter={"r": r, "alpha": 8},
+                   method={"name": "ravan", "head": "shared", "ravan": {"heads": heads}})
+    q = r // heads
+    init = sim.server.init_state
+    for r_ in rec.rounds.values():
+        ups, n = r_["uploads"], [u.n_examples for u in r_["uploads"]]
+        assert all(factors(u) == {"C", "head"} for u in ups)
+        for layer in sim.am.targets:
+            blocks = [u.tensors[f"{layer}.C"] for u in ups]
+            assert all(tuple(b.shape) == (heads, q, q) for b in blocks)
+            c_bar = r_["after"][f"{layer}.C"].double()
+            torch.testing.assert_close(c_bar, unpack(weighted(blocks, n)), atol=1e-6, rtol=0)
+            a, b = init[f"{layer}.A"].double(), init[f"{layer}.B"].double()
+            exact = weighted([b @ unpack(x).double() @ a for x in blocks], n)
+            torch.testing.assert_close(b @ c_bar @ a, exact, atol=1e-6, rtol=0)
+    layer = sim.am.targets[0]
+    assert torch.linalg.matrix_rank(rec.rounds[2]["after"][f"{layer}.C"].double()) == r  # all heads carry rank
+    rows = [json.loads(x) for x in (sim.run_dir / "metrics.jsonl").read_text().splitlines()]
+    blocks_bytes = len(sim.am.targets) * heads * q * q * 4  # per client, each way
+    assert rows[0]["up_raw_adapter_per_client"] == blocks_bytes
+    assert rows[1]["down_raw_adapter"] == len(sim.train_sets) * blocks_bytes  # downloads carry the blocks too
+    # one client's local training: A, B as initialised, C's off-diagonal blocks still zero, its blocks trained
+    dl = sim.server.download(0, 3)
+    client_fit(sim.am, sim.method, sim.clients[0], dl, sim.train_sets[0], sim.streams[0], sim.cfg.train)
+    start = apply_download(sim.clients[0], dl, sim.method).full()
+    trained = sim.am.get_state({"A", "B", "C"})
+    off = ~unpack(torch.ones(heads, q, q, dtype=torch.bool))
+    for layer in sim.am.targets:
+        assert torch.equal(trained[f"{layer}.A"], init[f"{layer}.A"])
+        assert torch.equal(trained[f"{layer}.B"], init[f"{layer}.B"])
+        c = trained[f"{layer}.C"]
+        assert torch.count_nonzero(c[off]) == 0 and not torch.equal(c, start[f"{layer}.C"])
+
+
+def test_ravan_refuses_a_rank_that_does_not_split_into_its_heads(tiny):
+    with pytest.raises(ValueError, match="method.ravan.heads"):
+        tiny(adapter={"r": 6, "alpha": 12}, method={"name": "ravan", "ravan": {"heads": 4}})

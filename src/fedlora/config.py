@@ -130,6 +130,10 @@ class LoRAFAIRConfig(_Section):
     lam: float = Field(0.01, ge=0)
 
 
+class RAVANConfig(_Section):
+    heads: int = Field(4, gt=0)  # h: adapter.r is split into h heads of rank r / h
+
+
 class MethodConfig(_Section):
     name: str = "fedit"
     head: Literal["shared", "personal"] | None = None  # None: the method's default
@@ -139,6 +143,7 @@ class MethodConfig(_Section):
     pfedgraph: PFedGraphConfig = Field(default_factory=PFedGraphConfig)
     feddpa: FedDPAConfig = Field(default_factory=FedDPAConfig)
     lorafair: LoRAFAIRConfig = Field(default_factory=LoRAFAIRConfig)
+    ravan: RAVANConfig = Field(default_factory=RAVANConfig)
 
 
 class FederationConfig(_Section):
