@@ -47,10 +47,12 @@ from fedlora.report import call_text, head_bytes_per_upload, late_gain_text
 LR = {"fedit": 3e-3, "ffa": 3e-3, "rolora": 3e-3, "fedsa": 3e-3, "celora": 1e-3, "local": 3e-3, "centralized": 3e-3,
       # the FL-optimizer and personalization baselines take FedIT's lr (not tuned)
       "fedprox": 3e-3, "scaffold": 3e-3, "pfedgraph": 3e-3, "feddpa": 3e-3, "lorafair": 3e-3,
-      "ravan": 3e-3}  # RAVAN trains only C, at LR_C as CE-LoRA's
+      "ravan": 3e-3,  # RAVAN trains only C, at LR_C as CE-LoRA's
+      # exact aggregation (HetLoRA is left out: at one rank its zero-padded average is FedIT's)
+      "flora": 3e-3, "fedex": 3e-3, "flexlora": 3e-3}
 LR_C = 1e-1
 METHODS = ["fedit", "ffa", "rolora", "fedsa", "celora", "fedprox", "scaffold", "pfedgraph", "feddpa", "lorafair",
-           "ravan", "local", "centralized"]
+           "ravan", "flora", "fedex", "flexlora", "local", "centralized"]
 
 
 def base_config(quick: bool, alpha: float, rounds: int, steps: int, stage: str) -> dict:
