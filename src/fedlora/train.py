@@ -27,11 +27,15 @@ class LocalHook:
 
     `params` maps each trainable adapter key to its parameter, `lrs` each key to its learning rate.
     `loss`: a term added to the task loss (its gradient goes through the optimizer with the task's);
+    `before_step`: a change to the gradients after backward, before clipping and the optimizer step;
     `after_step`: a change applied to the parameters after every optimizer step (under no_grad).
     """
 
     def loss(self, params: dict[str, torch.nn.Parameter]) -> torch.Tensor | None:
         return None
+
+    def before_step(self, params: dict[str, torch.nn.Parameter]) -> None:
+        pass
 
     def after_step(self, params: dict[str, torch.nn.Parameter], lrs: dict[str, float]) -> None:
         pass
@@ -70,6 +74,8 @@ def local_train(am: AdaptedModel, data: Examples, stream: BatchStream, factors: 
             loss = am.model(**batch).loss
             extra = hook.loss(named) if hook is not None else None
         scaler.scale(loss if extra is None else loss + extra).backward()
+        if hook is not None:
+            hook.before_step(named)
         if cfg.max_grad_norm:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -17,8 +17,8 @@ With h heads the update reaches rank R at h q² numbers per layer, where one hea
 R² = h² q². Two simplifications, said plainly: the paper trains a scalar s_j per head beside H_j and
 uploads s_j H_j; here the product is the one trainable block (the same updates are reachable; the
 optimisation path differs). Its per-client choice of heads to train (for compute heterogeneity) is
-not implemented: every client trains every head. The off-diagonal blocks are zeroed after every
-optimizer step; C starts at 0 and AdamW and SGD act per entry, so this is masked training exactly.
+not implemented: every client trains every head. The off-diagonal blocks' gradients are zeroed before
+gradient clipping and every optimizer step, so they stay at their initial 0 (masked training).
 """
 
 from __future__ import annotations
@@ -50,18 +50,18 @@ def unpack(blocks: torch.Tensor) -> torch.Tensor:
 
 
 class BlockDiagonal(LocalHook):
-    """Zero C's off-diagonal blocks after each optimizer step."""
+    """Zero the gradient of C's off-diagonal blocks before clipping and each optimizer step."""
 
     def __init__(self, heads: int):
         self.heads, self.masks = heads, {}
 
-    def after_step(self, params: dict[str, torch.nn.Parameter], lrs: dict[str, float]) -> None:
+    def before_step(self, params: dict[str, torch.nn.Parameter]) -> None:
         for k, p in params.items():
-            if factor_of(k) == "C":
+            if factor_of(k) == "C" and p.grad is not None:
                 if k not in self.masks:
                     q = p.shape[0] // self.heads
                     self.masks[k] = ~unpack(torch.ones(self.heads, q, q, dtype=torch.bool, device=p.device))
-                p.masked_fill_(self.masks[k], 0.0)
+                p.grad.masked_fill_(self.masks[k], 0.0)
 
 
 @register
