@@ -78,13 +78,13 @@ def main() -> None:
         acc = values(runs, "global_accuracy")
         curves = [[r["global_accuracy"] for r in hist if r.get("global_accuracy") is not None] for _, hist in runs]
         evaluated = [r["round"] for r in runs[0][1] if r.get("global_accuracy") is not None]
+        curve = list(zip(evaluated, np.mean(curves, axis=0).tolist(), strict=True))
         rows.append({"method": m, "clients": int(k), "global_accuracy": float(np.mean(acc)),
                      "global_accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
                      "seed_values": acc, "local_steps": configs[label]["train"]["local_steps"],
                      "up_mb": runs[0][0]["up_raw"] / 1e6, "down_mb": runs[0][0]["down_raw"] / 1e6,
                      "wall_s": float(np.mean([s["wall_s"] for s, _ in runs])),
-                     "curve": list(zip(evaluated, np.mean(curves, axis=0).tolist(), strict=True))})
-        rows[-1]["late_gain"] = late_gain_text(rows[-1]["curve"])
+                     "curve": curve, "late_gain": late_gain_text(curve)})
     for m in args.methods.split(","):  # accuracy drop from the fewest clients, with its 2-SE call
         mine = {r["clients"]: r for r in rows if r["method"] == m}
         fewest = mine[min(mine)]["seed_values"]

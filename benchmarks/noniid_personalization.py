@@ -139,11 +139,10 @@ def rows_from(results: dict, alpha: float) -> list[dict]:
                      "up_head_per_client_round": head_bytes_per_upload(hist),
                      "up_mb": s["up_raw"] / 1e6, "wall_s": s["wall_s"],
                      "descriptor_bytes": sum(r.get("up_raw_other", 0) for r in hist),
-                     "self_weight": next((r["celora_self_weight"] for r in reversed(hist) if "celora_self_weight" in r),
-                                         None),
-                     "collaborators": next((r["celora_collaborators"] for r in reversed(hist)
-                                            if "celora_collaborators" in r), None),
-                     # CE-LoRA, last round: mean ΔC cosine between clients and its correlation with data similarity
+                     # CE-LoRA, last round: the sharing; the mean ΔC cosine between clients and its
+                     # correlation with data similarity
+                     "self_weight": last_metric(hist, "celora_self_weight"),
+                     "collaborators": last_metric(hist, "celora_collaborators"),
                      "param_similarity": last_metric(hist, "celora_param_similarity"),
                      "similarity_agreement": last_metric(hist, "celora_similarity_agreement"),
                      "curve": [(r["round"], r["cum_up_raw"] / 1e6, a) for r, a in

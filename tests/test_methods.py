@@ -218,3 +218,13 @@ def test_ravan_sends_only_the_head_blocks_and_aggregates_them_exactly(tiny):
 def test_ravan_refuses_a_rank_that_does_not_split_into_its_heads(tiny):
     with pytest.raises(ValueError, match="method.ravan.heads"):
         tiny(adapter={"r": 6, "alpha": 12}, method={"name": "ravan", "ravan": {"heads": 4}})
+
+
+def test_ravan_masks_the_off_diagonal_gradients_before_the_step():
+    """The mask acts on the gradients (so gradient clipping sees only the heads'), not on the parameters."""
+    from fedlora.methods.ravan import BlockDiagonal, unpack
+
+    c = torch.nn.Parameter(torch.zeros(4, 4))
+    c.grad = torch.ones(4, 4)
+    BlockDiagonal(2).before_step({"layer.C": c})
+    torch.testing.assert_close(c.grad, unpack(torch.ones(2, 2, 2)))
