@@ -15,6 +15,7 @@ averages; FFA's frozen random A limits what B can express).
 
     .venv/bin/python benchmarks/client_scaling.py             # 3 seeds: ~60 min on 2 cores
     .venv/bin/python benchmarks/client_scaling.py --task healthtweets-outlet --methods fedit,ffa,rolora,flora,fedex
+    .venv/bin/python benchmarks/client_scaling.py --clients 3,20 --ranks 1,2,4,8   # RoLoRA's low-rank claim
     .venv/bin/python benchmarks/client_scaling.py --quick     # tiny random BERT, seconds (test suite)
 """
 
@@ -33,7 +34,7 @@ METHODS = ["fedit", "ffa", "rolora"]
 
 
 def config(quick: bool, method: str, clients: int, total: int, rounds: int, lr: float,
-           task_name: str = "rt-sentiment") -> dict:
+           task_name: str = "rt-sentiment", rank: int = 2) -> dict:
     model = {"name": "tiny-bert", "max_length": 16} if quick else {"name": "minilm", "max_length": 64}
     task = {"name": "synthetic"} if quick else {"name": task_name}
     batch = 16
@@ -42,7 +43,7 @@ def config(quick: bool, method: str, clients: int, total: int, rounds: int, lr: 
     return {"seed": 0, "model": model, "task": task,
             "partition": {"num_clients": clients, "scheme": "iid", "global_test_fraction": 0.2,
                           "client_test_fraction": 0.05, "min_partition_size": 0},
-            "adapter": {"r": 2, "alpha": 16, "target_modules": ["query", "value"]},
+            "adapter": {"r": rank, "alpha": 16, "target_modules": ["query", "value"]},  # one alpha at every rank
             "method": {"name": method, "head": "shared"}, "federation": {"rounds": rounds},
             # one local epoch per round: equal compute per round at every client count
             "train": {"local_steps": max(1, round(total / clients / batch)), "batch_size": batch, "lr": lr},
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--task", default="rt-sentiment", help="rt-sentiment or healthtweets-outlet (ignored by --quick)")
     ap.add_argument("--total", type=int, default=None, help="training examples over all clients (default 1200)")
     ap.add_argument("--rounds", type=int, default=None, help="default 6")
+    ap.add_argument("--ranks", default="2", help="LoRA ranks, e.g. 1,2,4,8 for RoLoRA's low-rank claim (default 2)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=None, help="training seeds per arm (default 3; quick 1)")
@@ -65,40 +67,46 @@ def main() -> None:
     args = ap.parse_args()
     counts = [int(c) for c in (args.clients or ("2,6" if args.quick else "3,20,50")).split(",")]
     total, rounds = args.total or (120 if args.quick else 1200), args.rounds or (2 if args.quick else 6)
+    ranks = [int(r) for r in args.ranks.split(",")]
     name = "client_scaling" + ("" if args.quick or args.task == "rt-sentiment" else f"_{args.task}") + (
-        "_quick" if args.quick else "")
+        "" if ranks == [2] else "_ranks" + "-".join(map(str, ranks))) + ("_quick" if args.quick else "")
     seeds = args.seeds or (1 if args.quick else 3)
-    arms = [(f"{m}-{k}", config(args.quick, m, k, total, rounds, args.lr, args.task))
-            for k in counts for m in args.methods.split(",")]
-    configs = dict(arms)
-    results = by_arm(run_arms(with_seeds(arms, seeds), Path(args.out) / name, jobs=1 if args.quick else args.jobs))
+    # label `<method>-<clients>` at rank 2 (the stored runs' names), `<method>-r<rank>-<clients>` otherwise
+    arms = {f"{m}{'' if r == 2 else f'-r{r}'}-{k}": (m, k, r) for r in ranks for k in counts
+            for m in args.methods.split(",")}
+    configs = {label: config(args.quick, m, k, total, rounds, args.lr, args.task, r)
+               for label, (m, k, r) in arms.items()}
+    results = by_arm(run_arms(with_seeds(list(configs.items()), seeds), Path(args.out) / name,
+                              jobs=1 if args.quick else args.jobs))
     rows = []
     for label, runs in results.items():
-        m, k = label.rsplit("-", 1)
+        m, k, rank = arms[label]
         acc = values(runs, "global_accuracy")
         curves = [[r["global_accuracy"] for r in hist if r.get("global_accuracy") is not None] for _, hist in runs]
         evaluated = [r["round"] for r in runs[0][1] if r.get("global_accuracy") is not None]
         curve = list(zip(evaluated, np.mean(curves, axis=0).tolist(), strict=True))
-        rows.append({"method": m, "clients": int(k), "global_accuracy": float(np.mean(acc)),
+        rows.append({"method": m, "rank": rank, "series": m if len(ranks) == 1 else f"{m} r{rank}",
+                     "clients": int(k), "global_accuracy": float(np.mean(acc)),
                      "global_accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
                      "seed_values": acc, "local_steps": configs[label]["train"]["local_steps"],
                      "up_mb": runs[0][0]["up_raw"] / 1e6, "down_mb": runs[0][0]["down_raw"] / 1e6,
                      "wall_s": float(np.mean([s["wall_s"] for s, _ in runs])),
                      "curve": curve, "late_gain": late_gain_text(curve)})
-    for m in args.methods.split(","):  # accuracy drop from the fewest clients, with its 2-SE call
-        mine = {r["clients"]: r for r in rows if r["method"] == m}
+    for series in dict.fromkeys(r["series"] for r in rows):  # drop from the fewest clients, with its 2-SE call
+        mine = {r["clients"]: r for r in rows if r["series"] == series}
         fewest = mine[min(mine)]["seed_values"]
         for r in mine.values():
             r["drop_vs_fewest"] = float(np.mean(fewest) - r["global_accuracy"])
             r["drop_call"] = call_text(fewest, r["seed_values"])
     write_json(Path(args.out) / f"{name}.json", {"task": "synthetic" if args.quick else args.task,
                                                  "total_examples": total, "rounds": rounds, "seeds": seeds,
+                                                 "ranks": ranks,
                                                  "rows": rows})
     plot(rows, Path(args.out) / f"{name}.png")
     print(f"{'synthetic' if args.quick else args.task}: {total} training examples in all, IID,"
-          f" {rounds} rounds, one local epoch per round, rank 2, "
+          f" {rounds} rounds, one local epoch per round, rank {args.ranks} (alpha 16), "
           f"{seeds} seed(s): mean, sample std; a drop counts only beyond 2 SE")
-    print(markdown(rows, [("method", "method", "s"), ("clients", "clients", "d"),
+    print(markdown(rows, [("method", "method", "s"), ("rank", "rank", "d"), ("clients", "clients", "d"),
                           ("local_steps", "local steps / round", "d"),
                           ("global_accuracy", "global acc", ".3f"), ("global_accuracy_std", "± std", ".3f"),
                           ("drop_call", "drop vs fewest clients (2-SE call)", "s"),
@@ -115,11 +123,11 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r["series"] for r in rows))
     counts = sorted({r["clients"] for r in rows})
     markers, styles = "osd^v<>", ["-", "--", ":", "-."]
     for i, m in enumerate(methods):  # one colour and marker per method, one line style per client count
-        mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["clients"])
+        mine = sorted((r for r in rows if r["series"] == m), key=lambda r: r["clients"])
         line = ax[0].errorbar([r["clients"] for r in mine], [r["global_accuracy"] for r in mine],
                               yerr=[r["global_accuracy_std"] or 0.0 for r in mine], marker=markers[i % 7],
                               capsize=3, label=m, alpha=0.85)[0]

@@ -107,3 +107,17 @@ def test_gpu_evidence_cpu_fallback_runs_its_stages_and_archives_the_runs_without
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_evidence.sh"), str(tmp_path / "out2")],
                          capture_output=True, text=True, timeout=120, env={**env, "EVIDENCE_STAGES": "nosuch"})
     assert bad.returncode == 2 and "EVIDENCE_STAGES: unknown stage 'nosuch'" in bad.stdout
+
+
+def test_client_scaling_sweeps_the_rank_and_keeps_the_rank_2_run_names(tmp_path):
+    import yaml
+
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "client_scaling.py"), "--quick", "--out",
+                          str(tmp_path), "--methods", "fedit", "--clients", "2", "--ranks", "1,2", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "client_scaling_ranks1-2_quick.json").read_text())["rows"]
+    assert sorted((r["series"], r["rank"]) for r in rows) == [("fedit r1", 1), ("fedit r2", 2)]
+    runs = tmp_path / "client_scaling_ranks1-2_quick" / "runs"
+    for label, rank in (("fedit-r1-2@s0", 1), ("fedit-2@s0", 2)):  # rank 2 keeps the names of the stored runs
+        assert yaml.safe_load((runs / label / "config.yaml").read_text())["adapter"]["r"] == rank
