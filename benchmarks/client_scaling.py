@@ -71,7 +71,7 @@ def main() -> None:
     name = "client_scaling" + ("" if args.quick or args.task == "rt-sentiment" else f"_{args.task}") + (
         "" if ranks == [2] else "_ranks" + "-".join(map(str, ranks))) + ("_quick" if args.quick else "")
     seeds = args.seeds or (1 if args.quick else 3)
-    # label `<method>-<clients>` at rank 2 (the stored runs' names), `<method>-r<rank>-<clients>` otherwise
+    # label `<method>-<clients>` at rank 2 (as in the rank-2-only folder), `<method>-r<rank>-<clients>` otherwise
     arms = {f"{m}{'' if r == 2 else f'-r{r}'}-{k}": (m, k, r) for r in ranks for k in counts
             for m in args.methods.split(",")}
     configs = {label: config(args.quick, m, k, total, rounds, args.lr, args.task, r)
