@@ -22,7 +22,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from sweep import markdown, run_arms, write_json
+from sweep import markdown, run_arms, save_figure, values, write_json
+
+from fedlora.report import call_text, late_gain_text
 
 METHODS = ["hetlora", "flexlora", "flora", "fedit"]
 TIERS = {2: 0.25, 4: 0.25, 8: 0.25, 16: 0.25}
@@ -38,16 +40,40 @@ def config(quick: bool, method: str, seed: int, clients: int, rounds: int) -> di
             "partition": {"num_clients": clients, "scheme": "dirichlet", "alpha": 0.5,
                           "min_partition_size": 10 if quick else 20},
             "adapter": adapter, "method": {"name": method, "head": "shared"}, "federation": {"rounds": rounds},
-            "train": {"local_steps": 2 if quick else 10, "batch_size": 16, "lr": 1e-3},
-            "eval": {"every": 1 if quick else 5, "max_global_examples": 64 if quick else 1000,
+            "train": {"local_steps": 2 if quick else 5, "batch_size": 16, "lr": 1e-3},
+            "eval": {"every": 1 if quick else 2, "max_global_examples": 64 if quick else 1000,
                      "max_client_examples": 8 if quick else None, "global_clients": 2 if quick else 5}}
+
+
+def curve(runs: list[tuple[dict, list[dict]]], key: str) -> list[tuple[int, float]]:
+    """(round, mean over seeds) at every evaluated round."""
+    per_seed = [[(r["round"], r[key]) for r in hist if r.get(key) is not None] for _, hist in runs]
+    rounds = [t for t, _ in per_seed[0]]
+    return [(t, float(np.mean([dict(c)[t] for c in per_seed]))) for t in rounds]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        for ax, key in zip(axes, ("global_accuracy", "personal_accuracy"), strict=True):
+            t, acc = zip(*r[f"{key}_curve"], strict=True)
+            ax.plot(t, acc, marker="o", label=f"{r['method']} (ranks {r['ranks']})")
+    for ax, title in zip(axes, ("global accuracy", "personalized accuracy"), strict=True):
+        ax.set(xlabel="round", ylabel=title, title=f"{title}, mean over {rows[0]['seeds']} seed(s)")
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
+    ap.add_argument("--seeds", type=int, default=None, help="training seeds, one data split (default 3; quick 1)")
     ap.add_argument("--clients", type=int, default=None, help="default 20 (quick: 4)")
     ap.add_argument("--rounds", type=int, default=None, help="default 10 (quick: 2)")
     ap.add_argument("--jobs", type=int, default=2)
@@ -57,26 +83,41 @@ def main() -> None:
     clients, rounds = args.clients or (4 if args.quick else 20), args.rounds or (2 if args.quick else 10)
     name = "heterogeneous_ranks" + ("_quick" if args.quick else "")
     methods = args.methods.split(",")
-    arms = [(f"{m}-s{s}", config(args.quick, m, s, clients, rounds)) for m in methods for s in range(seeds)]
+    # seed-major: a sweep cut short has every method at the same number of seeds
+    arms = [(f"{m}@s{s}", {**config(args.quick, m, s, clients, rounds), "data_seed": 0})
+            for s in range(seeds) for m in methods]
     results = run_arms(arms, Path(args.out) / name, jobs=1 if args.quick else args.jobs)
+    groups = {m: [results[f"{m}@s{s}"] for s in range(seeds)] for m in methods}
     rows = []
-    for m in methods:
-        runs = [results[f"{m}-s{s}"][0] for s in range(seeds)]
+    for m, runs in groups.items():
         row = {"method": m, "ranks": "2 (all)" if m == "fedit" else "2/4/8/16", "seeds": seeds}
         for k in ("global_accuracy", "personal_accuracy"):
-            vals = np.array([r[k] for r in runs], dtype=float)
-            row[k], row[f"{k}_std"] = float(vals.mean()), float(vals.std())
-        row["up_mb"] = float(np.mean([r["up_raw"] for r in runs])) / 1e6
-        row["down_mb"] = float(np.mean([r["down_raw"] for r in runs])) / 1e6
-        row["up_b_client_round"] = float(np.mean([r["up_raw_adapter_per_client_round"] for r in runs]))
-        row["wall_s"] = float(np.mean([r["wall_s"] for r in runs]))
+            vals = values(runs, k)
+            row[f"{k}_seeds"] = vals
+            row[k] = float(np.mean(vals))
+            row[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+            row[f"{k}_curve"] = curve(runs, k)
+        row["personal_vs_fedit"] = ("–" if m == "fedit" or "fedit" not in groups else
+                                    call_text(row["personal_accuracy_seeds"],
+                                              values(groups["fedit"], "personal_accuracy")))
+        row["global_vs_fedit"] = ("–" if m == "fedit" or "fedit" not in groups else
+                                  call_text(row["global_accuracy_seeds"], values(groups["fedit"], "global_accuracy")))
+        row["late_gain"] = late_gain_text(row["personal_accuracy_curve"])
+        row["up_mb"] = float(np.mean([s["up_raw"] for s, _ in runs])) / 1e6
+        row["down_mb"] = float(np.mean([s["down_raw"] for s, _ in runs])) / 1e6
+        row["up_b_client_round"] = float(np.mean([s["up_raw_adapter_per_client_round"] for s, _ in runs]))
+        row["wall_s"] = float(np.mean([s["wall_s"] for s, _ in runs]))
         rows.append(row)
     write_json(Path(args.out) / f"{name}.json", {"clients": clients, "rounds": rounds, "seeds": seeds,
                                                   "tiers": {str(k): v for k, v in TIERS.items()}, "rows": rows})
-    print(f"{clients} clients, ranks {'/'.join(map(str, TIERS))} (a quarter each), {rounds} rounds, {seeds} seeds")
+    plot(rows, Path(args.out) / f"{name}.png")
+    print(f"{clients} clients, ranks {'/'.join(map(str, TIERS))} (a quarter each), {rounds} rounds, {seeds} seed(s) "
+          "(mean, sample std; a difference is called only beyond 2 SE)")
     print(markdown(rows, [("method", "method", "s"), ("ranks", "ranks", "s"),
                           ("global_accuracy", "global acc", ".3f"), ("global_accuracy_std", "±", ".3f"),
+                          ("global_vs_fedit", "global vs FedIT", "s"),
                           ("personal_accuracy", "pers. acc", ".3f"), ("personal_accuracy_std", "±", ".3f"),
+                          ("personal_vs_fedit", "pers. vs FedIT", "s"), ("late_gain", "last-20% gain (pers.)", "s"),
                           ("up_mb", "uplink MB", ".2f"), ("down_mb", "downlink MB", ".2f"),
                           ("up_b_client_round", "adapter up B/client/round", ",.0f"), ("wall_s", "wall s", ".0f")]))
 
