@@ -55,13 +55,14 @@ declare -A STAGE=(
   [heterogeneous_ranks]="benchmarks/heterogeneous_ranks.py --jobs $jobs"
   [noniid_a01]="benchmarks/noniid_personalization.py --alphas 0.1 --jobs $jobs"
   [noniid_a05]="benchmarks/noniid_personalization.py --alphas 0.5 --jobs $jobs"
+  [noniid_ablation]="benchmarks/noniid_personalization.py --stage ablation --jobs $jobs"
   [noniid_tune]="benchmarks/noniid_personalization.py --stage tune --jobs $jobs"
   [client_scaling_health]="benchmarks/client_scaling.py --task healthtweets-outlet --methods fedit,ffa,rolora,flora,fedex --jobs $jobs"
   [client_scaling_ranks]="benchmarks/client_scaling.py --clients 3,20 --ranks 1,2,4,8 --methods fedit,ffa,rolora --jobs $jobs"
   [privacy_dp]="benchmarks/privacy.py --skip attack --jobs $jobs"
   [privacy_attack]="benchmarks/privacy.py --skip dp"
 )
-stages="${EVIDENCE_STAGES:-heterogeneous_ranks noniid_a01 noniid_a05 noniid_tune client_scaling_health client_scaling_ranks privacy_dp privacy_attack}"
+stages="${EVIDENCE_STAGES:-heterogeneous_ranks noniid_a01 noniid_a05 noniid_ablation noniid_tune client_scaling_health client_scaling_ranks privacy_dp privacy_attack}"
 status=0
 : > "$out/evidence.txt"
 for s in $stages; do

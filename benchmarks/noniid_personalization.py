@@ -15,6 +15,9 @@ Two stages, on different data:
                  scored on a validation split carved from the clients' train data (the test splits are
                  never read). Rows show the mean self-weight, collaborators 1 / sum_j w_ij^2, descriptor bytes.
   --stage test   every method with its tuned options, scored on the clients' test splits.
+  --stage ablation  CE-LoRA's ablation on the test splits: FedAvg of C, data-only, parameter-only, both
+                 (the default), learned, beside local-only, FedIT and FedSA-LoRA. It shares the test
+                 stage's run folders, so arms the test stage already ran are read back, not rerun.
 
     .venv/bin/python benchmarks/noniid_personalization.py --stage tune
     # or screen every arm at one seed, then give the best arms and every baseline arm their other seeds
@@ -22,6 +25,7 @@ Two stages, on different data:
     .venv/bin/python benchmarks/noniid_personalization.py --stage tune --seeds 1
     .venv/bin/python benchmarks/noniid_personalization.py --stage tune --arms celora,...,local,fedit-lr-0.003
     .venv/bin/python benchmarks/noniid_personalization.py --stage test
+    .venv/bin/python benchmarks/noniid_personalization.py --stage ablation --alphas 0.1
     .venv/bin/python benchmarks/noniid_personalization.py --quick     # tiny random BERT, the test suite's smoke run
 
 Prints the table last; writes `<out>/noniid_personalization[_tune|_quick].json` and a PNG of
@@ -80,6 +84,8 @@ def arm(base: dict, method: str, head: str | None = "personal", lr: float | None
     return cfg
 
 
+# the ablation the CE-LoRA claim is judged by (on test): which part of the aggregation pays
+ABLATION = ["celora-fedavg-c", "celora-data-only", "celora-param-only", "celora", "celora-learned"]
 QUICK_TUNE = {"celora", "celora-fedavg-c", "celora-learned", "celora-self-auto", "celora-per-class", "celora-warmup-ab",
               "celora-common-basis"}
 
@@ -91,9 +97,24 @@ def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = Tru
         if "fedit" in methods and shared_head:
             out.append(("fedit-shared-head", arm(base, "fedit", head="shared")))
         return out
-    # tune: CE-LoRA's ablation, one option changed at a time from the defaults (svd, local A/B, beta 0.5,
-    # tau 1 on z-scored similarities, self_weight 0.5, softmax, overall descriptor, C lr 0.1, A/B lr 1e-3),
-    # then an lr pair per baseline
+    if stage == "ablation":  # the test split; labels as in the test stage, so its runs are reused
+        variants = dict(celora_variants(base))
+        baselines = [(m, arm(base, m)) for m in ("local", "fedit", "fedsa") if m in methods]
+        return [(label, variants[label]) for label in ABLATION] + baselines
+    # tune: CE-LoRA's options, then an lr pair per baseline
+    out = celora_variants(base)
+    if quick:  # the smoke run: one arm of each kind of option
+        out = [(label, c) for label, c in out if label in QUICK_TUNE]
+    if "local" in methods:
+        out.append(("local", arm(base, "local")))
+    for m in [m for m in methods if m in ("fedit", "ffa")]:  # the two baselines; the others take FedIT's lr
+        out += [(f"{m}-lr-{lr:g}", arm(base, m, lr=lr)) for lr in (1e-3, 3e-3)]
+    return out
+
+
+def celora_variants(base: dict) -> list[tuple[str, dict]]:
+    """CE-LoRA's options, one changed at a time from the defaults (svd, local A/B, beta 0.5, tau 1 on
+    z-scored similarities, self_weight 0.5, softmax, overall descriptor, C lr 0.1, A/B lr 1e-3)."""
     start = copy.deepcopy(base)
 
     def ce(**opts) -> dict:
@@ -101,7 +122,7 @@ def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = Tru
 
     wide = copy.deepcopy(start)
     wide["adapter"] = {**wide["adapter"], "r": 4 * wide["adapter"]["r"], "alpha": 8 * wide["adapter"]["r"]}
-    out = [("celora", ce()), ("celora-fedavg-c", ce(weights="fedavg")),
+    return [("celora", ce()), ("celora-fedavg-c", ce(weights="fedavg")),
            ("celora-data-only", ce(beta=1.0)), ("celora-param-only", ce(beta=0.0)),
            ("celora-learned", ce(weights="learned")),
            *[(f"celora-self-{lam}", ce(self_weight=lam)) for lam in (0.2, 0.8, 0.95, "auto")],
@@ -110,13 +131,6 @@ def arms_for(stage: str, base: dict, methods: list[str], shared_head: bool = Tru
            ("celora-common-basis", ce(c_basis="common")),
            ("celora-frozen-ab-4r", arm(wide, "celora", lr=1e-3, ab_train="frozen")),
            ("celora-lr_ab-3e-3", ce() | {"train": {**start["train"], "lr": 3e-3}})]
-    if quick:  # the smoke run: one arm of each kind of option
-        out = [(label, c) for label, c in out if label in QUICK_TUNE]
-    if "local" in methods:
-        out.append(("local", arm(base, "local")))
-    for m in [m for m in methods if m in ("fedit", "ffa")]:  # the two baselines; the others take FedIT's lr
-        out += [(f"{m}-lr-{lr:g}", arm(base, m, lr=lr)) for lr in (1e-3, 3e-3)]
-    return out
 
 
 def last_metric(hist: list[dict], key: str) -> float | None:
@@ -184,7 +198,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["tune", "test"], default="test")
+    ap.add_argument("--stage", choices=["tune", "test", "ablation"], default="test")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--alphas", default=None, help="default: 0.1,0.5 (test), 0.1 (tune)")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -199,9 +213,11 @@ def main() -> None:
     seeds = args.seeds or (1 if args.quick else 3)
     rounds = args.rounds or (2 if args.quick else 6)
     steps = args.steps or (2 if args.quick else 5)
-    alphas = [float(a) for a in (args.alphas or ("0.1,0.5" if args.stage == "test" else "0.1")).split(",")]
+    alphas = [float(a) for a in (args.alphas or ("0.1" if args.stage == "tune" else "0.1,0.5")).split(",")]
     methods = args.methods.split(",")
-    name = "noniid_personalization" + ("_tune" if args.stage == "tune" else "") + ("_quick" if args.quick else "")
+    quick = "_quick" if args.quick else ""
+    name = "noniid_personalization" + ("" if args.stage == "test" else f"_{args.stage}") + quick
+    runs_name = "noniid_personalization" + ("_tune" if args.stage == "tune" else "") + quick  # ablation: test's runs
     out = Path(args.out)
     rows = []
     for a in alphas:
@@ -215,7 +231,7 @@ def main() -> None:
                 print(f"--arms: no arm named {', '.join(unknown)} in stage {args.stage}", file=sys.stderr)
                 raise SystemExit(2)
             arms = [(label, c) for label, c in arms if label in wanted]
-        rows += rows_from(run_arms(with_seeds(arms, seeds), out / name / f"alpha{a}",
+        rows += rows_from(run_arms(with_seeds(arms, seeds), out / runs_name / f"alpha{a}",
                                    jobs=1 if args.quick else args.jobs), a)
     # rows of an (alpha, arm) not run this time are kept from the file, if it was written at the same budget
     path = out / f"{name}.json"
@@ -234,6 +250,9 @@ def main() -> None:
                   f"CE-LoRA - local = {call_text(c['seed_values'], loc['seed_values'])}, "
                   f"uplink ratio FedIT / CE-LoRA = "
                   f"{f['up_adapter_per_client_round'] / max(1.0, c['up_adapter_per_client_round']):.0f}")
+        if args.stage == "ablation" and "local" in by:  # each variant against the bar: local-only
+            for label in [label for label in ABLATION if label in by]:
+                print(f"alpha {a}: {label} - local = {call_text(by[label]['seed_values'], by['local']['seed_values'])}")
     print(f"split: {'validation' if args.stage == 'tune' else 'test'}; {seeds} seed(s) per arm (mean, sample std; "
           f"a difference is a win only beyond 2 SE); {rounds} rounds x {steps} local steps, "
           f"all clients every round; mean personalized accuracy {np.mean([r['personal_accuracy'] for r in rows]):.3f}")

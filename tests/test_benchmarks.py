@@ -121,3 +121,23 @@ def test_client_scaling_sweeps_the_rank_and_keeps_the_rank_2_run_names(tmp_path)
     runs = tmp_path / "client_scaling_ranks1-2_quick" / "runs"
     for label, rank in (("fedit-r1-2@s0", 1), ("fedit-2@s0", 2)):  # rank 2 keeps the names of the stored runs
         assert yaml.safe_load((runs / label / "config.yaml").read_text())["adapter"]["r"] == rank
+
+
+def test_noniid_ablation_stage_scores_on_test_and_reuses_the_test_stage_runs():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import noniid_personalization as nb
+    finally:
+        sys.path.pop(0)
+    methods = ["fedit", "fedsa", "celora", "local"]
+    base = nb.base_config(False, 0.1, 6, 5, "ablation")
+    assert "client_val_fraction" not in base["partition"] and base["eval"].get("split", "test") == "test"
+    ablation = dict(nb.arms_for("ablation", base, methods))
+    assert list(ablation) == [*nb.ABLATION, "local", "fedit", "fedsa"]
+    # labels the test stage also has carry the very same config, so its stored runs are read back
+    test = dict(nb.arms_for("test", nb.base_config(False, 0.1, 6, 5, "test"), methods))
+    for label in ("celora", "local", "fedit", "fedsa"):
+        assert ablation[label] == test[label]
+    opts = {label: ablation[label]["method"].get("celora", {}) for label in nb.ABLATION}
+    assert opts == {"celora-fedavg-c": {"weights": "fedavg"}, "celora-data-only": {"beta": 1.0},
+                    "celora-param-only": {"beta": 0.0}, "celora": {}, "celora-learned": {"weights": "learned"}}

@@ -99,6 +99,9 @@ def test_frozen_ab_identical_everywhere_and_fedavg_variant(tmp_path):
             assert all(torch.equal(state[k], init[k]) for k in ab)
 
     sim.run(on_round=check)
+    # FedAvg of C uses no similarity: no client sends a data descriptor, and none is charged
+    assert not sim.server.extra["celora"]["descriptors"]
+    assert all(r["up_raw_other"] == 0 for r in sim.history)
     for rec in after.values():
         ups = rec["uploads"]
         n = torch.tensor([u.n_examples for u in ups], dtype=torch.float64)

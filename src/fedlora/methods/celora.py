@@ -31,7 +31,7 @@ abstract leaves open is a named option (`method.celora.*`, see the project's met
       w_ii = λ (`self_weight`),  w_ij = (1 − λ) softmax_{j≠i}((β ẑ^data_ij + (1 − β) ẑ^param_ij) / τ + log p_j),
         ẑ: each similarity z-scored per row over the others (j ≠ i);
       weights = learned: the others' part refined by alignment with client i's update (similarity.py);
-      weights = fedavg: w_ij = p_j (the non-personalized variant);
+      weights = fedavg: w_ij = p_j (the non-personalized variant; no descriptor is sent);
       C̄_i = Σ_j w_ij C_j: one (m × m) weight-matrix product for all keys, sent to client i at its next round.
     A newcomer with a descriptor receives Σ_j w_j C_j over the clients already seen (their last
     accepted C), w_j = softmax_j(ẑ^data_j / τ + log p_j); without one, the last FedAvg C.
@@ -189,7 +189,9 @@ class CELoRA(Method):
 
     # ---- the data descriptor: computed on the client, released once, stored by the server ----
     def needs_descriptor(self, server: Server, cid: int) -> bool:
-        return self.opt.beta > 0 and cid not in self.state(server)["descriptors"]
+        # weights = fedavg uses no similarity (newcomers too get the plain FedAvg C): nothing to send
+        used = self.opt.beta > 0 and self.opt.weights != "fedavg"
+        return used and cid not in self.state(server)["descriptors"]
 
     def client_descriptor(self, am: AdaptedModel, data: Examples, classes: torch.Tensor,
                           cid: int) -> dict[str, torch.Tensor]:
