@@ -40,9 +40,9 @@ def config(quick: bool, method: str, seed: int, clients: int, rounds: int) -> di
             "partition": {"num_clients": clients, "scheme": "dirichlet", "alpha": 0.5,
                           "min_partition_size": 10 if quick else 20},
             "adapter": adapter, "method": {"name": method, "head": "shared"}, "federation": {"rounds": rounds},
-            "train": {"local_steps": 2 if quick else 5, "batch_size": 16, "lr": 1e-3},
-            "eval": {"every": 1 if quick else 2, "max_global_examples": 64 if quick else 1000,
-                     "max_client_examples": 8 if quick else None, "global_clients": 2 if quick else 5}}
+            "train": {"local_steps": 2 if quick else 5, "batch_size": 16, "lr": 3e-3},
+            "eval": {"every": 1 if quick else 2, "max_global_examples": 64 if quick else 500,
+                     "max_client_examples": 8 if quick else None, "global_clients": 2 if quick else 3}}
 
 
 def curve(runs: list[tuple[dict, list[dict]]], key: str) -> list[tuple[int, float]]:
