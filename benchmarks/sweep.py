@@ -11,13 +11,19 @@ more arms per hour side by side).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing as mp
+import signal
 import sys
 import time
 from pathlib import Path
 
 from fedlora.report import read_run
+
+
+class ArmBusy(RuntimeError):
+    """A run folder another process holds (a plain exception: a pool worker must not exit on it)."""
 
 
 def _run_one(job: tuple[str, dict, str]) -> str:
@@ -30,9 +36,15 @@ def _run_one(job: tuple[str, dict, str]) -> str:
 
     if cfg_dict.get("threads"):
         torch.set_num_threads(cfg_dict["threads"])
-    start = time.perf_counter()
-    # an arm stopped mid-way continues after its last checkpointed round
-    Simulation(build_config(cfg_dict), run_dir).run(resume=has_checkpoint(Path(run_dir)))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / ".lock", "w") as lock:
+        try:  # two sweeps writing one run folder would interleave its metrics and checkpoints
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArmBusy(f"{run_dir}: another process is running this arm; stop it first") from None
+        start = time.perf_counter()
+        # an arm stopped mid-way continues after its last checkpointed round
+        Simulation(build_config(cfg_dict), run_dir).run(resume=has_checkpoint(Path(run_dir)))
     print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
     return label
 
@@ -58,13 +70,19 @@ def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str
           flush=True)
     if jobs > 1 and len(todo) == 1:  # one arm left: it gets both cores
         todo[0][1]["threads"] = None
-    if jobs > 1 and len(todo) > 1:
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            for _ in pool.imap_unordered(_run_one, todo):
-                pass
-    else:
-        for job in todo:
-            _run_one(job)
+    try:
+        if jobs > 1 and len(todo) > 1:
+            # SIGTERM (`pkill -f <script>`) must stop the workers too: leaving the `with` terminates the pool
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+            with mp.get_context("spawn").Pool(jobs) as pool:
+                for _ in pool.imap_unordered(_run_one, todo):
+                    pass
+        else:
+            for job in todo:
+                _run_one(job)
+    except ArmBusy as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2) from None
     return {label: read_run(out / "runs" / label) for label, _ in arms}
 
 

@@ -141,3 +141,52 @@ def test_noniid_ablation_stage_scores_on_test_and_reuses_the_test_stage_runs():
     opts = {label: ablation[label]["method"].get("celora", {}) for label in nb.ABLATION}
     assert opts == {"celora-fedavg-c": {"weights": "fedavg"}, "celora-data-only": {"beta": 1.0},
                     "celora-param-only": {"beta": 0.0}, "celora": {}, "celora-learned": {"weights": "learned"}}
+
+
+SWEEP_DRIVER = """
+import sys
+sys.path.insert(0, {bench!r})
+from sweep import run_arms
+cfg = {{"model": {{"name": "tiny-bert", "max_length": 16}}, "task": {{"name": "synthetic"}},
+       "partition": {{"num_clients": 2}}, "federation": {{"rounds": 500}}, "train": {{"local_steps": 2}},
+       "eval": {{"every": 1000}}}}
+if __name__ == "__main__":
+    run_arms([("a", {{**cfg, "seed": 0}}), ("b", {{**cfg, "seed": 1}})], __import__("pathlib").Path({out!r}), jobs=2)
+"""
+
+
+def test_sweep_sigterm_stops_its_workers_and_a_running_arm_is_locked(tmp_path):
+    import signal
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(SWEEP_DRIVER.format(bench=str(ROOT / "benchmarks"), out=str(tmp_path / "sweep")))
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def children() -> set[int]:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        return {int(p) for p in out.split()}
+
+    workers: set[int] = set()
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / "sweep" / "runs" / arm / "metrics.jsonl").exists() for arm in "ab"):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+            time.sleep(0.5)
+        workers = children()
+        assert len(workers) >= 2
+        # a second sweep on the same folders refuses the arms that are running, in one line
+        second = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "another process is running this arm" in second.stderr + second.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+        deadline = time.time() + 30
+        while any(os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read() for w in workers):
+            assert time.time() < deadline, "sweep workers outlived the SIGTERM to their parent"
+            time.sleep(0.5)
+    finally:  # a failing check must not leave the sweep running
+        for pid in [proc.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
