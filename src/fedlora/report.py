@@ -76,11 +76,13 @@ def late_gain(points: list[tuple[int, float]], fraction: float = 0.2) -> tuple[f
 
 
 def late_gain_text(points: list[tuple[int, float]]) -> str:
-    """'+0.045 since round 3 (rising)', '+0.004 since round 8 (flat)' or '–' (too few evaluated rounds)."""
+    """'+0.045 since round 3 (rising)', '+0.004 since round 8 (flat)', '-0.062 since round 8 (falling)' or '–'
+    (too few evaluated rounds). Flat is |gain| < one point: a curve that drops is not at its plateau either."""
     g = late_gain(points)
     if g is None:
         return "–"
-    return f"{g[0]:+.3f} since round {g[1]} ({'flat' if g[0] < 0.01 else 'rising'})"
+    shape = "flat" if abs(g[0]) < 0.01 else ("rising" if g[0] > 0 else "falling")
+    return f"{g[0]:+.3f} since round {g[1]} ({shape})"
 
 
 def versus_best(groups: dict[str, list[tuple[dict, list[dict]]]], key: str, higher: bool) -> dict[str, str]:
