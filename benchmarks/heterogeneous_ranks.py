@@ -97,11 +97,8 @@ def main() -> None:
             row[k] = float(np.mean(vals))
             row[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
             row[f"{k}_curve"] = curve(runs, k)
-        row["personal_vs_fedit"] = ("–" if m == "fedit" or "fedit" not in groups else
-                                    call_text(row["personal_accuracy_seeds"],
-                                              values(groups["fedit"], "personal_accuracy")))
-        row["global_vs_fedit"] = ("–" if m == "fedit" or "fedit" not in groups else
-                                  call_text(row["global_accuracy_seeds"], values(groups["fedit"], "global_accuracy")))
+            vs = "–" if m == "fedit" or "fedit" not in groups else call_text(vals, values(groups["fedit"], k))
+            row[f"{k.split('_')[0]}_vs_fedit"] = vs  # personal_vs_fedit, global_vs_fedit
         row["late_gain"] = late_gain_text(row["personal_accuracy_curve"])
         row["up_mb"] = float(np.mean([s["up_raw"] for s, _ in runs])) / 1e6
         row["down_mb"] = float(np.mean([s["down_raw"] for s, _ in runs])) / 1e6

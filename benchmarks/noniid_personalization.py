@@ -28,7 +28,7 @@ Two stages, on different data:
     .venv/bin/python benchmarks/noniid_personalization.py --stage ablation --alphas 0.1
     .venv/bin/python benchmarks/noniid_personalization.py --quick     # tiny random BERT, the test suite's smoke run
 
-Prints the table last; writes `<out>/noniid_personalization[_tune|_quick].json` and a PNG of
+Prints the table last; writes `<out>/noniid_personalization[_tune|_ablation][_quick].json` and a PNG of
 personalized accuracy vs round and vs cumulative uplink.
 """
 
@@ -200,7 +200,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=["tune", "test", "ablation"], default="test")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--alphas", default=None, help="default: 0.1,0.5 (test), 0.1 (tune)")
+    ap.add_argument("--alphas", default=None, help="default: 0.1,0.5 (test, ablation), 0.1 (tune)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--arms", default=None, help="only these arm labels (e.g. to give the best arms of a "
                                                  "1-seed screen their other seeds); default: all")
