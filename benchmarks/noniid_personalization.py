@@ -59,17 +59,18 @@ METHODS = ["fedit", "ffa", "rolora", "fedsa", "celora", "fedprox", "scaffold", "
            "ravan", "flora", "fedex", "flexlora", "local", "centralized"]
 
 
-def base_config(quick: bool, alpha: float, rounds: int, steps: int, stage: str) -> dict:
+def base_config(quick: bool, alpha: float, rounds: int, steps: int, stage: str, precision: str = "fp32",
+                eval_every: int | None = None) -> dict:
     if quick:
         model, task, n, r = {"name": "tiny-bert", "max_length": 16}, {"name": "synthetic"}, 6, 4
     else:
         model, task, n, r = {"name": "minilm", "max_length": 64}, {"name": "healthtweets-outlet"}, 20, 8
-    cfg = {"seed": 0, "model": model, "task": task,
+    cfg = {"seed": 0, "precision": precision, "model": model, "task": task,
            "partition": {"num_clients": n, "scheme": "dirichlet", "alpha": alpha},
            "adapter": {"r": r, "alpha": 2 * r, "target_modules": ["query", "value"]},
            "federation": {"rounds": rounds},
            "train": {"local_steps": steps, "batch_size": 16, "lr_c": LR_C, "lr_head": 1e-2},
-           "eval": {"every": max(1, rounds // 2), "max_global_examples": 300, "global_clients": 3}}
+           "eval": {"every": eval_every or max(1, rounds // 2), "max_global_examples": 300, "global_clients": 3}}
     if stage == "tune":
         cfg["partition"]["client_val_fraction"] = 0.2
         cfg["eval"]["split"] = "validation"
@@ -206,6 +207,10 @@ def main() -> None:
                                                  "1-seed screen their other seeds); default: all")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="local steps per round")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: autocast with fp32 master copies (2.5x faster on a CPU with avx512_bf16; "
+                         "every arm of one table at one precision)")
+    ap.add_argument("--eval-every", type=int, default=None, help="rounds between evaluations (default rounds // 2)")
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side, one torch thread each")
     ap.add_argument("--seeds", type=int, default=None, help="training seeds per arm (default 3; quick 1)")
     ap.add_argument("--out", default="benchmarks/out")
@@ -221,7 +226,7 @@ def main() -> None:
     out = Path(args.out)
     rows = []
     for a in alphas:
-        base = base_config(args.quick, a, rounds, steps, args.stage)
+        base = base_config(args.quick, a, rounds, steps, args.stage, args.precision, args.eval_every)
         # the usual FedIT (shared head): first alpha only
         arms = arms_for(args.stage, base, methods, shared_head=a == alphas[0], quick=args.quick)
         if args.arms:
@@ -237,10 +242,12 @@ def main() -> None:
     path = out / f"{name}.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if (old.get("rounds"), old.get("local_steps"), old.get("stage")) == (rounds, steps, args.stage):
+        if (old.get("rounds"), old.get("local_steps"), old.get("stage"), old.get("precision", "fp32")) == \
+                (rounds, steps, args.stage, args.precision):
             now = {(r["alpha"], r["arm"]) for r in rows}
             rows = [r for r in old["rows"] if (r["alpha"], r["arm"]) not in now] + rows
-    write_json(path, {"rounds": rounds, "local_steps": steps, "stage": args.stage, "rows": rows})
+    write_json(path, {"rounds": rounds, "local_steps": steps, "stage": args.stage, "precision": args.precision,
+                      "rows": rows})
     plot(rows, out / f"{name}.png")
     for a in alphas:  # the claim, in numbers, per alpha
         by = {r["arm"]: r for r in rows if r["alpha"] == a}

@@ -87,12 +87,12 @@ def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str
 
 
 def with_seeds(arms: list[tuple[str, dict]], seeds: int) -> list[tuple[str, dict]]:
-    """Each arm once per training seed 0..seeds-1 (label `<arm>@s<k>`), all on the arm's one data split."""
-    out = []
-    for label, cfg in arms:
-        data_seed = cfg.get("data_seed", cfg.get("seed", 0))
-        out += [(f"{label}@s{k}", {**cfg, "seed": k, "data_seed": data_seed}) for k in range(seeds)]
-    return out
+    """Each arm once per training seed 0..seeds-1 (label `<arm>@s<k>`), all on the arm's one data split.
+
+    Seed-major (every arm's seed 0, then every arm's seed 1, ...): a sweep cut short leaves every arm
+    at the same number of seeds, baselines included, rather than the first arms complete and the last absent."""
+    return [(f"{label}@s{k}", {**cfg, "seed": k, "data_seed": cfg.get("data_seed", cfg.get("seed", 0))})
+            for k in range(seeds) for label, cfg in arms]
 
 
 def by_arm(results: dict[str, tuple[dict, list[dict]]]) -> dict[str, list[tuple[dict, list[dict]]]]:

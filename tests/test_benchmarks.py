@@ -141,6 +141,24 @@ def test_noniid_ablation_stage_scores_on_test_and_reuses_the_test_stage_runs():
     opts = {label: ablation[label]["method"].get("celora", {}) for label in nb.ABLATION}
     assert opts == {"celora-fedavg-c": {"weights": "fedavg"}, "celora-data-only": {"beta": 1.0},
                     "celora-param-only": {"beta": 0.0}, "celora": {}, "celora-learned": {"weights": "learned"}}
+    # the longer-budget runs: bf16 autocast and the evaluation cadence reach every arm's config
+    from fedlora.config import build_config
+
+    long = dict(nb.arms_for("ablation", nb.base_config(False, 0.1, 16, 10, "ablation", "bf16", 2), methods))
+    cfg = build_config({**long["celora"], "name": "x"})
+    assert (cfg.precision, cfg.eval.every, cfg.federation.rounds, cfg.train.local_steps) == ("bf16", 2, 16, 10)
+
+
+def test_sweep_runs_seed_major_so_a_cut_sweep_leaves_every_arm_at_the_same_seeds():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+    arms = sweep.with_seeds([("a", {"seed": 0}), ("b", {"seed": 0, "data_seed": 7})], 2)
+    assert [label for label, _ in arms] == ["a@s0", "b@s0", "a@s1", "b@s1"]
+    cfg = dict(arms)
+    assert (cfg["b@s1"]["seed"], cfg["b@s1"]["data_seed"], cfg["a@s1"]["data_seed"]) == (1, 7, 0)
 
 
 SWEEP_DRIVER = """
