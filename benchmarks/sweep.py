@@ -3,8 +3,10 @@
 Each arm is one `Simulation` run in its own folder (`<out>/runs/<label>`); an arm whose summary.json
 exists is read back, not rerun, and one stopped mid-way resumes from its last checkpointed round, but
 only if its stored config equals the requested one (a field added since at its default counts as equal):
-otherwise the sweep stops with one line naming the folder and the fields. With `jobs` > 1
-the arms run in that many worker processes with one torch thread each: on this 2-core box two
+otherwise the sweep stops with one line naming the folder and the fields. The one exception is a longer
+budget: a finished arm asked for more rounds, and otherwise equal, continues from its last round's
+checkpoint, which gives the run a fresh sweep at that budget would (the rounds already run are not rerun).
+With `jobs` > 1 the arms run in that many worker processes with one torch thread each: on this 2-core box two
 one-thread MiniLM runs side by side took 224–235 s each, one two-thread run alone 130 s (~1.13x
 more arms per hour side by side).
 """
@@ -51,6 +53,7 @@ def _run_one(job: tuple[str, dict, str]) -> str:
 
 def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str, tuple[dict, list[dict]]]:
     """Run every (label, config dict) not finished yet; return {label: (summary, metrics rows)}."""
+    from fedlora.checkpoint import has_checkpoint
     from fedlora.config import build_config
     from fedlora.rundir import config_differences
 
@@ -59,11 +62,13 @@ def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str
         run_dir = out / "runs" / label
         cfg = {**cfg, "name": label, "output": {**cfg.get("output", {}), "save_client_states": False}}
         changed = config_differences(build_config(cfg), run_dir, ("output.", "name", "threads"))
-        if changed:
+        longer = changed == ["federation.rounds"] and has_checkpoint(run_dir) and \
+            stored_rounds(run_dir) < build_config(cfg).federation.rounds
+        if changed and not longer:
             print(f"{run_dir}: stored run has a different config ({', '.join(changed[:5])}); "
                   "delete it or pass another --out", file=sys.stderr)
             raise SystemExit(2)
-        if not (run_dir / "summary.json").is_file():
+        if longer or not (run_dir / "summary.json").is_file():
             cfg["threads"] = 1 if jobs > 1 else cfg.get("threads")
             todo.append((label, cfg, str(run_dir)))
     print(f"{len(arms) - len(todo)} of {len(arms)} arms finished earlier; running {len(todo)} (jobs={jobs})",
@@ -84,6 +89,15 @@ def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str
         print(e, file=sys.stderr)
         raise SystemExit(2) from None
     return {label: read_run(out / "runs" / label) for label, _ in arms}
+
+
+def stored_rounds(run_dir: Path) -> int:
+    """The rounds a run folder's config.yaml asks for."""
+    import yaml
+
+    from fedlora.config import build_config
+
+    return build_config(yaml.safe_load((run_dir / "config.yaml").read_text())).federation.rounds
 
 
 def with_seeds(arms: list[tuple[str, dict]], seeds: int) -> list[tuple[str, dict]]:

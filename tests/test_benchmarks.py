@@ -225,3 +225,47 @@ def test_sweep_refuses_an_arm_whose_run_folder_another_process_holds(tmp_path):
         with pytest.raises(sweep.ArmBusy, match="another process is running this arm"):
             sweep._run_one(("a", cfg, str(run_dir)))
     assert not (run_dir / "metrics.jsonl").exists()  # nothing written beside the holder
+
+
+def test_sweep_gives_a_finished_arm_more_rounds_as_a_fresh_run_at_that_budget(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+
+    def arm(rounds: int) -> list[tuple[str, dict]]:
+        return [("a", {"model": {"name": "tiny-bert", "max_length": 16}, "task": {"name": "synthetic"},
+                       "method": {"name": "celora"}, "adapter": {"dropout": 0.1},
+                       "partition": {"num_clients": 3, "scheme": "dirichlet", "alpha": 0.5},
+                       "federation": {"rounds": rounds}, "train": {"local_steps": 2}, "eval": {"every": 2}})]
+
+    def rows(result: dict) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in result["a"][1]]
+
+    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+    sweep.run_arms(arm(2), extended)
+    capsys.readouterr()
+    longer = sweep.run_arms(arm(3), extended)
+    assert "running 1" in capsys.readouterr().out  # the finished 2-round arm was continued, not read back
+    assert rows(longer) == rows(sweep.run_arms(arm(3), fresh)) and len(rows(longer)) == 3
+    assert longer["a"][0]["up_raw"] == json.loads((fresh / "runs/a/summary.json").read_text())["up_raw"]
+    with pytest.raises(SystemExit) as e:  # a shorter budget is never read from a longer run
+        sweep.run_arms(arm(2), extended)
+    assert e.value.code == 2 and "federation.rounds" in capsys.readouterr().err
+
+    # stopped while being extended: the shorter run's summary must not pass for the longer run's
+    from fedlora.runtime.simulation import Simulation
+
+    run_round = Simulation.run_round
+
+    def stop_in_round_4(self, t):
+        if t == 4:
+            raise KeyboardInterrupt
+        return run_round(self, t)
+
+    monkeypatch.setattr(Simulation, "run_round", stop_in_round_4)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_arms(arm(4), extended)
+    monkeypatch.setattr(Simulation, "run_round", run_round)
+    assert len(rows(sweep.run_arms(arm(4), extended))) == 4

@@ -23,6 +23,9 @@ from .config import RunConfig, dump_config
 
 def start(run_dir: Path, cfg: RunConfig, adapter_meta: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    # a run in progress has no summary: one left from a shorter budget (a run resumed for more rounds)
+    # would otherwise read as this run finished, should it stop before its last round
+    (run_dir / "summary.json").unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     (run_dir / "adapter_meta.json").write_text(json.dumps(adapter_meta, indent=2))
 
