@@ -15,7 +15,8 @@ Two stages, on different data:
                  scored on a validation split carved from the clients' train data (the test splits are
                  never read). Rows show the mean self-weight, collaborators 1 / sum_j w_ij^2, descriptor bytes.
   --stage test   every method with its tuned options, scored on the clients' test splits.
-  --stage ablation  CE-LoRA's ablation on the test splits: no sharing (C never mixed), FedAvg of C,
+  --stage ablation  CE-LoRA's ablation on the test splits: no sharing (C never mixed), shrinkage only
+                 (C̄_i = 0.5 C_i: the default's self-weight, nobody else's C), FedAvg of C,
                  data-only, parameter-only, both (the default), learned, beside local-only, FedIT and
                  FedSA-LoRA. It shares the test stage's run folders, so arms the test stage already ran
                  are read back, not rerun.
@@ -87,8 +88,9 @@ def arm(base: dict, method: str, head: str | None = "personal", lr: float | None
 
 
 # the ablation the CE-LoRA claim is judged by (on test): which part of the aggregation pays
-# no-sharing: the same tri adapter, C never mixed (self-weight 1): what the aggregation adds over training alone
-ABLATION = ["celora-no-sharing", "celora-fedavg-c", "celora-data-only", "celora-param-only", "celora",
+# no-sharing: the same tri adapter, C never mixed (self-weight 1): what the aggregation adds over training alone;
+# shrink: C̄_i = 0.5 C_i, the default's self-weight with nobody else's C: is what mixing adds only shrinkage?
+ABLATION = ["celora-no-sharing", "celora-shrink", "celora-fedavg-c", "celora-data-only", "celora-param-only", "celora",
             "celora-learned"]
 QUICK_TUNE = {"celora", "celora-fedavg-c", "celora-learned", "celora-self-auto", "celora-per-class", "celora-warmup-ab",
               "celora-common-basis"}
@@ -128,6 +130,8 @@ def celora_variants(base: dict) -> list[tuple[str, dict]]:
     wide["adapter"] = {**wide["adapter"], "r": 4 * wide["adapter"]["r"], "alpha": 8 * wide["adapter"]["r"]}
     return [("celora", ce()), ("celora-fedavg-c", ce(weights="fedavg")),
             ("celora-no-sharing", ce(self_weight=1.0, beta=0.0)),  # beta 0: no descriptor, it would go unused
+            # the default's self-weight, but the other half of C̄ is C = 0 rather than the others' C
+            ("celora-shrink", ce(weights="shrink")),
            ("celora-data-only", ce(beta=1.0)), ("celora-param-only", ce(beta=0.0)),
            ("celora-learned", ce(weights="learned")),
            *[(f"celora-self-{lam}", ce(self_weight=lam)) for lam in (0.2, 0.8, 0.95, "auto")],

@@ -139,7 +139,7 @@ def test_noniid_ablation_stage_scores_on_test_and_reuses_the_test_stage_runs():
     for label in ("celora", "local", "fedit", "fedsa"):
         assert ablation[label] == test[label]
     opts = {label: ablation[label]["method"].get("celora", {}) for label in nb.ABLATION}
-    assert opts == {"celora-no-sharing": {"self_weight": 1.0, "beta": 0.0},
+    assert opts == {"celora-no-sharing": {"self_weight": 1.0, "beta": 0.0}, "celora-shrink": {"weights": "shrink"},
                     "celora-fedavg-c": {"weights": "fedavg"}, "celora-data-only": {"beta": 1.0},
                     "celora-param-only": {"beta": 0.0}, "celora": {}, "celora-learned": {"weights": "learned"}}
     # the longer-budget runs: bf16 autocast and the evaluation cadence reach every arm's config

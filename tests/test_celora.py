@@ -524,3 +524,26 @@ def test_beta_zero_sends_no_descriptor(tmp_path):
     assert with_desc.run_round(1)["up_raw_other"] > 0
     row = without.run_round(1)  # the data similarity is not needed to aggregate
     assert row["up_raw_other"] == 0 and not without.server.extra["celora"]["descriptors"]
+
+
+def test_shrink_control_scales_each_clients_own_c_and_mixes_in_nobody_elses(tmp_path):
+    sim = celora(tmp_path, rounds=2, partition={**DIRICHLET, "num_clients": 4}, weights="shrink", self_weight=0.3)
+    _, after = record(sim)
+    sim.run()
+    for rec in after.values():
+        for row, i in enumerate(rec["weights"]["clients"]):
+            for k, v in rec["uploads"][row].tensors.items():
+                assert v.abs().max() > 0
+                torch.testing.assert_close(rec["cbar"][i][k].double(), 0.3 * v.double(), atol=1e-7, rtol=0)
+    # nothing else is used: no descriptor is sent, and the metrics say one collaborator (itself) at w_ii 0.3
+    assert not sim.server.extra["celora"]["descriptors"] and all(r["up_raw_other"] == 0 for r in sim.history)
+    assert sim.history[-1]["celora_self_weight"] == pytest.approx(0.3)
+    assert sim.history[-1]["celora_collaborators"] == pytest.approx(1.0)
+
+
+def test_shrink_needs_a_numeric_factor():
+    from fedlora.config import build_config
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="self_weight"):
+        build_config({"method": {"name": "celora", "celora": {"weights": "shrink", "self_weight": "auto"}}})

@@ -90,8 +90,9 @@ class CELoRAConfig(_Section):
     tau: float = Field(1.0, gt=0)
     # w_ii: a number (untuned default 0.5), or auto (self scored as its most similar other)
     self_weight: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = 0.5
-    # softmax; learned: the others' weights refined by alignment with the client's update; fedavg: plain FedAvg of C
-    weights: Literal["softmax", "learned", "fedavg"] = "softmax"
+    # softmax; learned: the others' weights refined by alignment with the client's update; fedavg: plain FedAvg of C;
+    # shrink: C̄_i = self_weight · C_i, no other client's C (a control: is what mixing adds only shrinkage to C = 0?)
+    weights: Literal["softmax", "learned", "fedavg", "shrink"] = "softmax"
     learned_steps: int = Field(20, ge=0)
     learned_lambda: float = Field(1.0, ge=0)  # pull towards the softmax weights
     learned_lr: float = Field(0.1, gt=0)
@@ -105,6 +106,13 @@ class CELoRAConfig(_Section):
     # the basis C is sent and aggregated in: own (each client's A_i, B_i: the paper's) or common (the shared
     # initial A0, B0, into which each client maps its B_i C_i A_i and back; exact with ab_train frozen)
     c_basis: Literal["own", "common"] = "own"
+
+    @model_validator(mode="after")
+    def _check_shrink(self) -> CELoRAConfig:
+        if self.weights == "shrink" and self.self_weight == "auto":
+            raise ValueError("method.celora.self_weight: weights 'shrink' needs a number (the shrinkage factor), "
+                             "not auto")
+        return self
 
 
 class HetLoRAConfig(_Section):

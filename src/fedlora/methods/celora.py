@@ -32,6 +32,8 @@ abstract leaves open is a named option (`method.celora.*`, see the project's met
         ẑ: each similarity z-scored per row over the others (j ≠ i);
       weights = learned: the others' part refined by alignment with client i's update (similarity.py);
       weights = fedavg: w_ij = p_j (the non-personalized variant; no descriptor is sent);
+      weights = shrink: w = λ I, C̄_i = λ C_i (a control, no descriptor: towards C = 0, the init, and
+                        nobody else's C; mixing nearly orthogonal C_j shrinks C_i about as much);
       C̄_i = Σ_j w_ij C_j: one (m × m) weight-matrix product for all keys, sent to client i at its next round.
     A newcomer with a descriptor receives Σ_j w_j C_j over the clients already seen (their last
     accepted C), w_j = softmax_j(ẑ^data_j / τ + log p_j); without one, the last FedAvg C.
@@ -190,7 +192,7 @@ class CELoRA(Method):
     # ---- the data descriptor: computed on the client, released once, stored by the server ----
     def needs_descriptor(self, server: Server, cid: int) -> bool:
         # weights = fedavg uses no similarity (newcomers too get the plain FedAvg C): nothing to send
-        used = self.opt.beta > 0 and self.opt.weights != "fedavg"
+        used = self.opt.beta > 0 and self.opt.weights not in ("fedavg", "shrink")
         return used and cid not in self.state(server)["descriptors"]
 
     def client_descriptor(self, am: AdaptedModel, data: Examples, classes: torch.Tensor,
@@ -300,6 +302,8 @@ class CELoRA(Method):
         o = self.opt
         if o.weights == "fedavg":
             return fedavg_weights(n)
+        if o.weights == "shrink":  # rows sum to λ: the rest of the mass goes to C = 0
+            return float(o.self_weight) * np.eye(len(n))
         w = combine_weights(s_data, s_param, o.beta, o.tau, n, o.self_weight)
         if o.weights == "learned":
             w = refine_others(w, delta, o.learned_lambda, o.learned_steps, o.learned_lr)
@@ -339,8 +343,9 @@ class CELoRA(Method):
         if lw is None or lw["round"] != t:
             return {}
         w = lw["weights"]
+        share = w / w.sum(axis=1, keepdims=True)  # the rows as shares (shrink's rows sum to λ, the others' to 1)
         out = {"celora_self_weight": float(np.mean(np.diag(w))),
-               "celora_collaborators": float(np.mean(1.0 / np.sum(w**2, axis=1))),
+               "celora_collaborators": float(np.mean(1.0 / np.sum(share**2, axis=1))),
                "celora_descriptors": len(self.state(server)["descriptors"])}
         pairs = np.triu(np.ones_like(w, dtype=bool), 1)
         sp, sd = lw["s_param"][pairs], lw["s_data"][pairs]
