@@ -61,9 +61,10 @@ def run_arms(arms: list[tuple[str, dict]], out: Path, jobs: int = 1) -> dict[str
     for label, cfg in arms:
         run_dir = out / "runs" / label
         cfg = {**cfg, "name": label, "output": {**cfg.get("output", {}), "save_client_states": False}}
-        changed = config_differences(build_config(cfg), run_dir, ("output.", "name", "threads"))
+        built = build_config(cfg)
+        changed = config_differences(built, run_dir, ("output.", "name", "threads"))
         longer = changed == ["federation.rounds"] and has_checkpoint(run_dir) and \
-            stored_rounds(run_dir) < build_config(cfg).federation.rounds
+            stored_rounds(run_dir) < built.federation.rounds
         if changed and not longer:
             print(f"{run_dir}: stored run has a different config ({', '.join(changed[:5])}); "
                   "delete it or pass another --out", file=sys.stderr)

@@ -32,8 +32,8 @@ abstract leaves open is a named option (`method.celora.*`, see the project's met
         ẑ: each similarity z-scored per row over the others (j ≠ i);
       weights = learned: the others' part refined by alignment with client i's update (similarity.py);
       weights = fedavg: w_ij = p_j (the non-personalized variant; no descriptor is sent);
-      weights = shrink: w = λ I, C̄_i = λ C_i (a control, no descriptor: towards C = 0, the init, and
-                        nobody else's C; mixing nearly orthogonal C_j shrinks C_i about as much);
+      weights = shrink: w = λ I, C̄_i = λ C_i (a control, no descriptor: C_i pulled towards C = 0, the
+                        init, with nobody else's C: does mixing add more than that shrinkage?);
       C̄_i = Σ_j w_ij C_j: one (m × m) weight-matrix product for all keys, sent to client i at its next round.
     A newcomer with a descriptor receives Σ_j w_j C_j over the clients already seen (their last
     accepted C), w_j = softmax_j(ẑ^data_j / τ + log p_j); without one, the last FedAvg C.
