@@ -178,6 +178,25 @@ def test_flower_run_equals_in_process(federation, tmp_path, method, wire):
     assert first["up_raw"] == rows(tmp_path / "sim")[0]["up_raw"] > 0 and first["down_raw"] == 0
 
 
+def test_flower_columns_equal_in_process_with_user_metrics_and_validation(federation, tmp_path):
+    """One evaluation for both runtimes: the user's metric (eval.metrics) and the validation columns reach the
+    Flower run's rows, which equal `fedlora run`'s column for column, and the best round is chosen on validation."""
+    cfg = config(tmp_path, "fedsa")
+    cfg["eval"] = {**cfg["eval"], "metrics": ["sklearn.metrics:balanced_accuracy_score"]}
+    cfg["partition"] = {**cfg["partition"], "client_val_fraction": 0.2}
+    flower_dir = federation.run(cfg, tmp_path / "flower")
+    sim_dir = simulate(cfg, tmp_path / "sim")
+    assert_same_run(flower_dir, sim_dir)
+    for row in rows(sim_dir):
+        assert {"personal_balanced_accuracy_score", "val_personal_accuracy"} <= set(row)
+    for run_dir in (flower_dir, sim_dir):  # the same keys in both rows, not only the in-process ones in Flower's
+        assert {k for k in rows(run_dir)[-1] if not k.startswith(("flower_", "cum_flower_", "time_"))} == \
+            set(rows(sim_dir)[-1])
+    flower, sim = (json.loads((d / "summary.json").read_text()) for d in (flower_dir, sim_dir))
+    assert flower["best_round"] is not None and flower["best_round"] == sim["best_round"]
+    assert flower["best"] == sim["best"]
+
+
 def test_restarted_supernode_resumes_from_disk(federation, tmp_path):
     """FedSA keeps B and the head on the client: a SuperNode killed after round 1 and restarted must read
     them back from its state directory, or client 1's final adapter would differ from the in-process run."""

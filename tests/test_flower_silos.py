@@ -118,6 +118,20 @@ def test_silo_run_equals_in_process_files_run(silos, tmp_path, method):
         assert first["flower_up_array_bytes"] >= first["up_raw"]
 
 
+def test_silo_columns_and_best_round_with_user_metrics_and_validation(silos, tmp_path):
+    """On silos each node carves its own validation split: the Flower rows carry the user's metric and the
+    validation columns as the in-process files run does, and the best round is chosen on them."""
+    cfg = flower_config(tmp_path, "fedit")
+    cfg["eval"] = {**cfg.get("eval", {}), "metrics": ["sklearn.metrics:balanced_accuracy_score"]}
+    cfg["partition"] = {**cfg["partition"], "client_val_fraction": 0.2}
+    flower_dir = silos.run(cfg, tmp_path / "flower")
+    sim_dir = in_process(silos, cfg, tmp_path / "sim")
+    assert_same_run(flower_dir, sim_dir)
+    assert {"global_balanced_accuracy_score", "val_personal_accuracy"} <= set(rows(flower_dir)[-1])
+    flower, sim = (json.loads((d / "summary.json").read_text()) for d in (flower_dir, sim_dir))
+    assert flower["best_round"] is not None and flower["best_round"] == sim["best_round"]
+
+
 @pytest.mark.parametrize("key", [f"node_{NUM}", ""], ids=["unregistered-key", "no-key"])
 def test_unknown_node_is_refused(silos, tmp_path, key):
     name = f"intruder-{key or 'nokey'}"  # a 4th node, claiming client 0: a key never registered, or none at all

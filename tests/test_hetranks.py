@@ -301,3 +301,34 @@ def test_set_state_at_a_lower_rank_zeroes_the_rest_and_get_state_returns_that_ra
     assert got[f"{layer}.A"].shape == (2, 32) and got[f"{layer}.B"].shape == (32, 2)
     with pytest.raises(ValueError, match="different ranks"):
         sim.am.set_state({f"{layer}.A": full[f"{layer}.A"][:2], f"{layer}.B": full[f"{layer}.B"][:, :4]})
+
+
+def test_api_export_of_a_mixed_rank_client_equals_cli_export_and_the_run(tmp_path):
+    """The API's export and `fedlora export` read one adapter metadata (Run.adapter_meta): with adapter.r 2 and
+    client ranks [2, 4], client 1 (rank 4) keeps the run's scale alpha / r = 8 in both, and both give its logits."""
+    from peft import PeftModel
+
+    import fedlora
+    from fedlora.models import load_classifier, load_tokenizer
+
+    rows = [{"sentence": f"{w} river ocean lake {i}", "y": i % 2} for i, w in enumerate(["a", "b", "c", "d"] * 12)]
+    result = fedlora.federate(
+        model=load_classifier("tiny-bert", 2, 0), tokenizer=load_tokenizer("tiny-bert"), clients=[rows[:24], rows[24:]],
+        method="hetlora", columns={"text_column": "sentence", "label_column": "y"}, run_dir=tmp_path / "api",
+        adapter={"r": 2, "alpha": 16, "client_ranks": [2, 4]}, federation={"rounds": 1}, train={"local_steps": 2})
+    api_dir = result.export(1, tmp_path / "api-peft")
+    res = runner.invoke(app, ["export", str(result.run_dir), "--client", "1", "--out", str(tmp_path / "cli-peft")])
+    assert res.exit_code == 0, res.output
+    api_conf = json.loads((api_dir / "adapter_config.json").read_text())
+    cli_conf = json.loads((tmp_path / "cli-peft" / "adapter_config.json").read_text())
+    assert api_conf == cli_conf and api_conf["r"] == 4 and api_conf["lora_alpha"] == 4 * 16 / 2
+    x = dict(load_tokenizer("tiny-bert")(["river ocean lake"], return_tensors="pt"))
+    logits = []
+    for d in (api_dir, tmp_path / "cli-peft"):
+        logits.append(PeftModel.from_pretrained(load_classifier("tiny-bert", 2, 0), d).eval()(**x).logits)
+    from fedlora.adapters import inject_adapters
+
+    am = inject_adapters(load_classifier("tiny-bert", 2, 0), ["query", "value"], r=4, alpha=16, scale=8.0)
+    am.set_state(result.adapters[1])
+    assert torch.equal(logits[0], logits[1])
+    assert torch.allclose(am.model(**x).logits, logits[0], atol=1e-5)
