@@ -239,6 +239,8 @@ def test_metrics_come_from_sklearn_plus_user_metrics(tmp_path):
 def test_best_round_is_chosen_on_validation_never_on_test(tmp_path):
     from conftest import make_sim
 
+    from fedlora.evaluation import best_round
+
     sim = make_sim(tmp_path, partition={"num_clients": 3, "scheme": "iid", "client_val_fraction": 0.25},
                    federation={"rounds": 3})
     summary = sim.run()
@@ -249,14 +251,14 @@ def test_best_round_is_chosen_on_validation_never_on_test(tmp_path):
     # test and validation disagree: the best round follows validation
     sim.history = [{"round": 1, "personal_accuracy": 0.9, "val_personal_accuracy": 0.2},
                    {"round": 2, "personal_accuracy": 0.1, "val_personal_accuracy": 0.8}]
-    assert sim.best_round()["best_round"] == 2
+    assert best_round(sim, sim.history)["best_round"] == 2
     sim.cfg.eval.best_metric = "personal_loss"  # a loss is minimized
     sim.history = [{"round": 1, "val_personal_loss": 0.5, "personal_loss": 0.1},
                    {"round": 2, "val_personal_loss": 0.4, "personal_loss": 0.9}]
-    assert sim.best_round()["best_round"] == 2
+    assert best_round(sim, sim.history)["best_round"] == 2
     plain = make_sim(tmp_path)
     plain.history = [{"round": 1, "personal_accuracy": 0.9}]
-    assert plain.best_round()["best_round"] is None
+    assert best_round(plain, plain.history)["best_round"] is None
 
 
 def test_max_per_class_is_honoured_by_every_task(tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import LowRankLinear, export_peft
+from .adapters import LowRankLinear, export_with_meta
 from .config import build_config, load_config
 from .data import Split, Task, load_task_source, merge_tasks
 from .metrics import register_metric
@@ -36,16 +36,14 @@ SOURCE_OPTIONS = ("split", "kind", "text_column", "label_column", "instruction_c
 class FederationResult:
     summary: dict
     adapters: dict[int, dict[str, torch.Tensor]]  # each client's adapter (and head) state, as it was evaluated
-    meta: dict  # what a PEFT export needs: targets, head modules, r, alpha, base model, task type
+    meta: dict  # the run's adapter metadata (Run.adapter_meta, as adapter_meta.json): what a PEFT export needs
     run_dir: Path
 
     def export(self, client: int, out_dir: str | Path) -> Path:
         """Client `client`'s adapter as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
         if client not in self.adapters:
             raise ValueError(f"client: no client {client} (clients are 0..{len(self.adapters) - 1})")
-        m = self.meta
-        return export_peft(self.adapters[client], out_dir, r=m["r"], alpha=m["alpha"], targets=m["targets"],
-                           head_modules=m["head_modules"], base_model=m["model"], task_type=m["task_type"])
+        return export_with_meta(self.adapters[client], out_dir, self.meta)
 
 
 def split_clients(client_of: list[str], num_clients: int, global_test_fraction: float, client_test_fraction: float,
@@ -138,10 +136,7 @@ def federate(model: str | nn.Module = "minilm", tokenizer: Any = None, clients: 
     summary = sim.run()
     summary["run_dir"] = str(sim.run_dir)
     adapters = {cid: {k: v.detach().clone() for k, v in sim.eval_state(cid).items()} for cid in range(sim.num_clients)}
-    meta = {"targets": sim.am.targets, "head_modules": sim.am.head_modules, "r": sim.am.r, "alpha": sim.am.alpha,
-            "model": cfg.model.name, "task_type": "CAUSAL_LM" if task.causal else "SEQ_CLS",
-            "label_names": task.label_names}
-    return FederationResult(summary, adapters, meta, sim.run_dir)
+    return FederationResult(summary, adapters, sim.adapter_meta(), sim.run_dir)
 
 
 def _check_model(model: nn.Module, task: Task) -> None:

@@ -160,7 +160,7 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory"),
     """Export a client's (or the global) adapter as a PEFT LoRA folder."""
     from safetensors.torch import load_file
 
-    from .adapters import export_peft
+    from .adapters import export_with_meta
     from .models import resolve_model_path
 
     meta_path = run_dir / "adapter_meta.json"
@@ -174,8 +174,7 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory"),
             f"clients are 0..{meta['num_clients'] - 1}"
         fail(f"no state file {path} ({hint})")
     base = meta["model"] if meta["model"] == "tiny-bert" else _guard(resolve_model_path, meta["model"])
-    _guard(export_peft, load_file(str(path)), out, r=meta["r"], alpha=meta["alpha"], targets=meta["targets"],
-           head_modules=meta["head_modules"], base_model=base, task_type=meta.get("task_type", "SEQ_CLS"))
+    _guard(export_with_meta, load_file(str(path)), out, meta, base)
     console.print(f"wrote PEFT adapter to {out}")
 
 

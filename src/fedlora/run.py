@@ -9,7 +9,6 @@ measures the models as they are now (global test, each client on its own test an
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from functools import cached_property
@@ -34,6 +33,7 @@ from .data import (
     tokenize_causal,
 )
 from .data.silo import Silo, config_silos, files_task, no_examples
+from .evaluation import METRICS, combine, measure_client, measure_global, plan_evaluation, write_samples
 from .federation import ClientState, Download, Server, apply_download
 from .methods import get_method
 from .metrics import resolve_metrics
@@ -43,34 +43,6 @@ from .trackers import heatmap
 from .train import evaluate, evaluate_lm, generate_answers, score_generations
 
 log = logging.getLogger("fedlora")
-
-
-METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "rouge_l", "exact_match")
-
-
-def evaluation_row(g: dict, per_client: list[dict], metrics: tuple[str, ...] = METRICS) -> dict:
-    """The evaluation columns of a metrics row: global-test metrics `g`, per-client metrics on their own test.
-
-    Classification has accuracy / macro-F1 / loss; a causal LM loss / perplexity and, when answers were
-    generated, ROUGE-L / exact match. Personal metrics are unweighted means over clients."""
-    row = {f"global_{k}": float(g[k]) for k in metrics if k in g}
-    for k in metrics:
-        if k in per_client[0]:
-            row[f"personal_{k}"] = float(np.mean([m[k] for m in per_client]))
-    if "accuracy" in per_client[0]:
-        n = np.array([m["n"] for m in per_client], dtype=float)
-        acc = np.array([m["accuracy"] for m in per_client])
-        row |= {"personal_accuracy_weighted": float((acc * n).sum() / n.sum()),
-                "personal_accuracy_std": float(acc.std()), "client_accuracy": [round(float(a), 4) for a in acc]}
-    else:
-        row["client_perplexity"] = [round(float(m["perplexity"]), 3) for m in per_client]
-    return row
-
-
-def weighted_metrics(per_client: list[dict]) -> dict:
-    """The example-weighted aggregate of the clients' metrics (the global metrics when no global test set exists)."""
-    n = np.array([m["n"] for m in per_client], dtype=float)
-    return {k: float((np.array([m[k] for m in per_client]) * n).sum() / n.sum()) for k in METRICS if k in per_client[0]}
 
 
 class Run:
@@ -170,7 +142,8 @@ class Run:
         self.method.setup(self)
         self.init_state = self.am.get_state()
 
-        # trainers: one per client, or one pooled trainer for the centralized reference
+        # trainers: one per client, or one pooled trainer for the centralized reference (the one place that
+        # decides pooling: everything else follows from the number of trainers)
         self.train_sets: list[Examples] = [concat(self.client_train)] if self.method.pooled else self.client_train
         self.server = Server(self.method, self.init_state, cfg.federation, len(self.train_sets), cfg.seed)
         self.clients: dict[int, ClientState] = {
@@ -191,15 +164,23 @@ class Run:
             self.method.receive_descriptor(self.server, cid, desc, t)
 
     # ---- evaluation ----
+    def trainers(self) -> list[int]:
+        """The ids of the trainers: every client, or the one pooled trainer of the centralized reference."""
+        return list(range(len(self.train_sets)))
+
+    def trainer_of(self, cid: int) -> int:
+        return cid if len(self.train_sets) == self.num_clients else 0
+
     def eval_state(self, cid: int) -> dict[str, torch.Tensor]:
         """Client `cid`'s model now: its state with the download it would receive applied."""
-        state = self.clients[0 if self.method.pooled else cid]
+        trainer = self.trainer_of(cid)
         t = self.server.last_round + 1
-        dl = {} if self.method.pooled else self.method.download(self.server, cid, t)
-        return apply_download(state, Download(cid, t, dl), self.method).full()
+        dl = self.method.download(self.server, trainer, t)
+        return apply_download(self.clients[trainer], Download(trainer, t, dl), self.method).full()
 
     def single_model(self) -> bool:
-        return self.method.pooled or all(not s.personal for s in self.clients.values())
+        """One model for every client: a pooled trainer, or no client keeps anything of its own."""
+        return len(self.train_sets) < self.num_clients or all(not s.personal for s in self.clients.values())
 
     def measure(self, data: Examples, generate: bool, samples: list | None = None,
                 prompts: Examples | None = None) -> dict:
@@ -245,96 +226,33 @@ class Run:
         return len(self.global_test) > 0 and (not self.files or self.single_model())
 
     def evaluate(self, generate: bool = False) -> dict:
-        """Global-test and per-client metrics; `generate`: also greedy answers for a causal LM (costly)."""
-        generate = generate and self.task.causal and self.cfg.eval.generate_examples > 0
-        samples: dict[str, list] = {}
-        val: list[dict] = []
-        own_cids = self.eval_clients()
-        if not self.has_global_test():  # no global test set of the server's own: the clients' reports, weighted
-            per_client = []
-            for cid in own_cids:
-                self.am.set_state(self.eval_state(cid))
-                own = samples.setdefault(f"client_{cid}", [])
-                per_client.append(self.measure(self.client_test[cid], generate, own, self.client_prompts[cid]))
-                if self.client_val:
-                    val.append(self.measure(self.client_val[cid], False))
-            g = weighted_metrics(per_client)
-        elif self.single_model():
+        """The evaluation plan run in this process (`fedlora.evaluation`); `generate`: also greedy answers for a
+        causal LM (costly)."""
+        plan = plan_evaluation(self, generate)
+        g, g_samples = None, None
+        if plan.global_source == "server":
             self.am.set_state(self.eval_state(0))
-            g = self.measure(self.global_test, generate, samples.setdefault("global", []), self.global_prompts)
-            per_client = [self.measure(self.client_test[c], generate, samples.setdefault(f"client_{c}", []),
-                                       self.client_prompts[c]) for c in own_cids]
-            val = [self.measure(self.client_val[c], False) for c in own_cids] if self.client_val else []
-        else:
-            per_client, gs = [], []
-            global_cids = self.global_eval_clients()
-            for cid in sorted(global_cids | set(own_cids)):
+            g, g_samples = measure_global(self, plan.generate)
+        results, loaded = {}, g is not None
+        for cid, task in plan.clients.items():
+            if not (plan.single and loaded):  # one model for every client is loaded once
                 self.am.set_state(self.eval_state(cid))
-                if cid in own_cids:
-                    own = samples.setdefault(f"client_{cid}", [])
-                    per_client.append(self.measure(self.client_test[cid], generate, own, self.client_prompts[cid]))
-                    if self.client_val:
-                        val.append(self.measure(self.client_val[cid], False))
-                if cid in global_cids:
-                    gs.append(self.measure(self.global_test, generate, samples.setdefault(f"global_by_{cid}", []),
-                                           self.global_prompts))
-            g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in self.metric_names}
-        if generate:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / f"samples_round_{self.server.last_round}.jsonl", "w") as f:
-                for who, rows in samples.items():
-                    for r in rows[:3]:  # a few per model is enough to read
-                        f.write(json.dumps({"model": who, **r}) + "\n")
-        row = evaluation_row(g, per_client, self.metric_names)
-        if val:
-            row |= {f"val_personal_{k}": float(np.mean([m[k] for m in val])) for k in self.metric_names if k in val[0]}
-        if len(own_cids) < self.num_clients:
-            row["eval_clients"] = own_cids
+                loaded = True
+            results[cid] = measure_client(self, cid, task, plan.generate)
+        row, samples = combine(self, plan, g, results, g_samples)
+        if plan.generate:
+            write_samples(self.run_dir, self.server.last_round, samples)
         return row
 
-    def summary(self, wall: float) -> dict:
-        last = next((r for r in reversed(self.history) if "global_loss" in r), {})
-        rounds = len(self.history)
-        per_client_round = [r["up_raw_adapter_per_client"] for r in self.history]
-        # the final models reach the clients too: counted apart and in the run's totals
-        final_down = {} if self.method.pooled else self.server.final_download_bytes(list(range(self.num_clients)))
-        totals = dict(self.server.cumulative)
-        for k, v in final_down.items():
-            totals[f"down_{k}"] += v
-        final = {f"{w}_{k}": last.get(f"{w}_{k}") for w in ("global", "personal") for k in METRICS
-                 if f"{w}_{k}" in last}
-        final |= {k: last[k] for k in ("client_accuracy", "client_perplexity") if k in last}
-        final |= {k: last[k] for k in last if k.startswith(("global_", "personal_")) and k not in final
-                  and isinstance(last[k], float)}  # the user's metrics (eval.metrics)
-        return {"name": self.cfg.name, "method": self.method.name, "head": self.method.head,
-                "task": self.task.name, "num_clients": self.num_clients, "rounds": rounds,
-                "global_accuracy": None, "personal_accuracy": None,  # None for a causal LM; set below otherwise
-                **final, "personal_accuracy_weighted": last.get("personal_accuracy_weighted"),
-                "up_raw_adapter_per_client_round": float(np.mean(per_client_round)) if per_client_round else 0.0,
-                **totals, **{f"final_down_{k}": v for k, v in final_down.items()}, "wall_s": wall,
-                "final_round": last.get("round"), **self.best_round()}
+    # ---- checkpoints: the run's part (every runtime adds its own) ----
+    def snapshot(self) -> dict:
+        return {"round": len(self.history), "history": self.history, "server": self.server.state_dict(),
+                "rng": {"dropout": self.dropout_rng.bit_generator.state}}
 
-    def best_round(self) -> dict:
-        """The round that scored best on VALIDATION data (eval.best_metric), with that round's metrics; a run
-        without a validation split has none (the best round is never chosen on test)."""
-        key = self.cfg.eval.best_metric or ("personal_loss" if self.task.causal else "personal_accuracy")
-        if self.cfg.eval.split == "validation":
-            col = key  # every evaluation column is a validation metric
-        elif self.client_val is not None and key.startswith("personal_"):
-            col = f"val_{key}"
-        else:
-            why = "no validation split (partition.client_val_fraction is 0)" if self.client_val is None else \
-                f"eval.best_metric '{key}' has no validation column (validation is per client: personal_*)"
-            return {"best_round": None, "best_selected_on": f"none: {why}; never chosen on test"}
-        rows = [r for r in self.history if col in r]
-        if not rows:
-            raise ValueError(f"eval.best_metric: no evaluated round has column '{col}'")
-        lower = "loss" in key or "perplexity" in key
-        best = (min if lower else max)(rows, key=lambda r: r[col])
-        cols = {k: best[k] for k in best if k.startswith(("global_", "personal_", "val_"))
-                and isinstance(best[k], float)}
-        return {"best_round": best["round"], "best_selected_on": f"validation {key} ({'min' if lower else 'max'})",
-                "best": cols}
+    def restore(self, ck: dict) -> None:
+        self.server.load_state_dict(ck["server"])
+        self.dropout_rng.bit_generator.state = ck["rng"]["dropout"]
+        self.history = ck["history"]
 
     def weights_image(self, t: int):
         """CE-LoRA's round-t mixing weights as a heatmap image (None for other methods)."""

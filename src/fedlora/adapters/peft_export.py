@@ -67,3 +67,12 @@ def export_peft(
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def export_with_meta(state: dict[str, torch.Tensor], out_dir: str | Path, meta: dict,
+                     base_model: str | None = None) -> Path:
+    """`export_peft` with the run's adapter metadata (`Run.adapter_meta`, adapter_meta.json): the one way every
+    interface exports, so the rank and scale always come from the same fact. `base_model`: default meta's model."""
+    return export_peft(state, out_dir, r=meta["r"], alpha=meta["alpha"], targets=meta["targets"],
+                       head_modules=meta["head_modules"], base_model=base_model or meta["model"],
+                       task_type=meta.get("task_type", "SEQ_CLS"))

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import typer
 
+from .flower_constants import DEFAULT_STATE_DIR, RUN_META, SUPERLINK_NAME, read_run_key
+
 flower_app = typer.Typer(add_completion=False, no_args_is_help=True,
                          help="Run on Flower's Deployment Engine (SuperLink + SuperNodes, several machines).")
 
@@ -49,8 +51,6 @@ FLOWER_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-SUPERLINK_NAME = "fedlora"  # the connection name in the generated Flower config
-RUN_META = "flower_run.json"  # written by the ServerApp in the run directory: the run's key, for --resume
 
 
 def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -335,7 +335,7 @@ def supernode(partition_id: int = typer.Option(..., "--partition-id", help="this
               root_certificates: Path | None = typer.Option(None, "--root-certificates",
                                                             help="the CA that signed the SuperLink's certificate"),
               insecure: bool = typer.Option(False, "--insecure", help="no TLS: local experiments only"),
-              state_dir: Path = typer.Option(Path("~/.fedlora/clients"), "--state-dir",
+              state_dir: Path = typer.Option(Path(DEFAULT_STATE_DIR), "--state-dir",
                                              help="where this client's personal state is kept between rounds"),
               isolation: str = typer.Option("inprocess", help="inprocess: one long-lived process runs every "
                                             "message; subprocess: Flower's default, a new process per message"),
@@ -497,20 +497,17 @@ def run(config: Path | None = typer.Argument(None, help="YAML config (not with -
     if resume is not None:
         if config is not None:
             _fail("--resume RUN_DIR continues that run with its own config.yaml: give no CONFIG")
-        meta = resume / RUN_META
-        if not meta.is_file():
+        run_key = read_run_key(resume)
+        if run_key is None:
             _fail(f"--resume {resume}: no {RUN_META} (not a run directory of `fedlora flower run`)")
         cfg = _load(resume / "config.yaml", set_)
         rc = _run_config(cfg, str(resume), superlink, node_wait, round_timeout, collect_client_states, wire,
-                         json.loads(meta.read_text())["run-key"], resume=True)
+                         run_key, resume=True)
     else:
         if config is None:
             _fail("give a CONFIG, or --resume RUN_DIR")
         cfg = for_flower(_load(config, set_))
         rc = _run_config(cfg, out, superlink, node_wait, round_timeout, collect_client_states, wire)
-        if _is_local(superlink):  # what --resume needs to find the clients' state again
-            Path(rc["run-dir"]).mkdir(parents=True, exist_ok=True)
-            (Path(rc["run-dir"]) / RUN_META).write_text(json.dumps({"run-key": rc["run-key"]}))
     wait_for_superlink(superlink, superlink_wait)
     with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp:
         app = write_app(app_dir or Path(tmp) / "app", cfg, rc)

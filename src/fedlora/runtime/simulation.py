@@ -7,23 +7,21 @@ states only (server-held tensors are shared by reference, never copied per clien
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from .. import rundir
 from ..adapters.stacked import head_is_stackable
-from ..checkpoint import Checkpointer, load_checkpoint
+from ..checkpoint import load_checkpoint
 from ..compute import rng_state, set_rng_state
 from ..config import RunConfig
+from ..driver import RunDriver
 from ..federation import ClientState, Upload, apply_download, client_fit, clients_fit
 from ..run import Run
-from ..trackers import Trackers
 
 log = logging.getLogger("fedlora")
 
@@ -49,12 +47,12 @@ class Simulation(Run):
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # as Run's
         super().__init__(*args, **kwargs)
         self._warned_sequential = False
-        self.checkpoint_costs: list[dict] = []  # bytes and seconds of each round's checkpoint in this process
+        self.driver = RunDriver(self, self)
 
     # ---- one round ----
     def run_round(self, t: int) -> dict:
         start = time.perf_counter()
-        cids = [0] if self.method.pooled else self.server.sample()
+        cids = self.server.sample()
         for cid in cids:
             self.send_descriptor(cid, t)
         downloads = {cid: self.server.download(cid, t) for cid in cids}
@@ -90,7 +88,7 @@ class Simulation(Run):
         if k == "auto":
             k = auto_clients_per_pass(self.am.model, self.cfg)
         # fp16: one loss scale (and one skipped step on overflow) would be shared by the pass's clients
-        if k > 1 and (self.method.pooled or not self.method.batchable or not head_is_stackable(self.am)
+        if k > 1 and (not self.method.batchable or not head_is_stackable(self.am)
                       or self.am.precision == "fp16"):
             if not self._warned_sequential:
                 log.info("train.clients_per_pass=%d: method %s trains its clients one after another",
@@ -109,24 +107,23 @@ class Simulation(Run):
             by_shape.setdefault(tuple((n, tuple(v.shape)) for n, v in self.clients[c].full().items()), []).append(c)
         return [g[i:i + k] for g in by_shape.values() for i in range(0, len(g), k)]
 
-    # ---- checkpoints: everything a bit-identical resume needs (written incrementally, see checkpoint.py) ----
+    # ---- what the run driver asks of a runtime ----
     def snapshot(self) -> dict:
+        """Everything a bit-identical resume needs: the run's part, every client's state, the batch streams and
+        this process's generators (written incrementally, see checkpoint.py)."""
+        snap = super().snapshot()
         server = self.server
         clients = {}
         for cid, st in self.clients.items():
             # a shared tensor that IS the server's current one is stored once, as a reference
             shared = {k: (None if v is server.global_state.get(k) else v) for k, v in st.shared.items()}
             clients[cid] = {"shared": shared, "personal": st.personal}
-        return {
-            "round": len(self.history), "history": self.history, "server": server.state_dict(),
-            "clients": clients, "streams": [s.state() for s in self.streams],
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "dropout": self.dropout_rng.bit_generator.state, **rng_state(self.device)},
-        }
+        snap["rng"] |= {"torch": torch.get_rng_state(), "python": random.getstate(), **rng_state(self.device)}
+        return snap | {"clients": clients, "streams": [s.state() for s in self.streams]}
 
     def restore(self, ck: dict) -> None:
+        super().restore(ck)
         server = self.server
-        server.load_state_dict(ck["server"])
         self.clients = {
             cid: ClientState({k: (server.global_state[k] if v is None else v) for k, v in c["shared"].items()},
                              c["personal"]) for cid, c in ck["clients"].items()}
@@ -135,43 +132,24 @@ class Simulation(Run):
         torch.set_rng_state(ck["rng"]["torch"])
         set_rng_state(ck["rng"])
         random.setstate(ck["rng"]["python"])
-        self.dropout_rng.bit_generator.state = ck["rng"]["dropout"]
-        self.history = ck["history"]
+
+    def evaluate_now(self) -> dict:
+        return self.evaluate()
+
+    def final_models(self) -> tuple[dict[str, torch.Tensor] | None, Iterable[tuple[int, dict[str, torch.Tensor]]]]:
+        return (self.eval_state(0) if self.single_model() else None,
+                ((cid, self.eval_state(cid)) for cid in range(self.num_clients)))
+
+    def summary_extra(self) -> dict:
+        return {}
+
+    @property
+    def checkpoint_costs(self) -> list[dict]:
+        """Bytes and seconds of each round's checkpoint written by this process."""
+        return self.driver.checkpoint_costs
 
     # ---- the whole run ----
     def run(self, on_round: Callable[[dict], None] | None = None, resume: bool = False) -> dict:
         """Run every round; with `resume`, continue after the last complete checkpointed round."""
-        rundir.start(self.run_dir, self.cfg, self.adapter_meta())
-        trackers = Trackers(self.cfg.output.loggers, self.run_dir, self.cfg.name, self.cfg.model_dump(mode="json")) \
-            if self.cfg.output.loggers else None
-        ck = load_checkpoint(self.run_dir) if resume else None
-        self.checkpointer = Checkpointer(self.run_dir)
-        if ck is not None:
-            self.restore(ck)
-            self.checkpointer.resumed(self.snapshot(), ck)
-            log.info("resuming %s after round %d", self.run_dir, ck["round"])
-        baseline_path = self.run_dir / "baseline.json"
-        if self.cfg.eval.baseline and not baseline_path.is_file():  # the base model (ΔW = 0) before round 1
-            baseline_path.write_text(json.dumps(self.evaluate()))
-
-        def after_round(t: int, row: dict) -> None:
-            self.checkpointer.save(self.snapshot())
-            self.checkpoint_costs.append({"round": t, "bytes": self.checkpointer.last_bytes,
-                                          "seconds": self.checkpointer.last_seconds})
-            if trackers:
-                trackers.log_round(t, row, self.weights_image(t))
-            if on_round:
-                on_round(row)
-
-        rundir.write_rounds(self.run_dir, self.history, self.cfg.federation.rounds, self.run_round, after_round)
-        if trackers:
-            trackers.close()
-        summary = self.summary(sum(r["wall_s"] for r in self.history))
-        if baseline_path.is_file():
-            summary["baseline"] = json.loads(baseline_path.read_text())
-        rundir.write_summary(self.run_dir, summary)
-        if self.cfg.output.save_client_states:
-            rundir.save_states(self.run_dir, self.server.global_state,
-                               self.eval_state(0) if self.single_model() else None,
-                               ((cid, self.eval_state(cid)) for cid in range(self.num_clients)))
-        return summary
+        self.driver = RunDriver(self, self)
+        return self.driver.drive(load_checkpoint(self.run_dir) if resume else None, on_round)

@@ -19,12 +19,13 @@ from safetensors.torch import save_file
 
 from ...config import RunConfig, build_config
 from ...data.silo import Silo, load_local
+from ...evaluation import ClientTask, measure_client
 from ...federation import ClientState, Download, apply_download, client_fit
 from ...run import Run
-from .wire import config_hash, from_record, to_record
+from ..flower_constants import DEFAULT_STATE_DIR
+from .wire import config_hash, from_record, results_to_records, to_record
 
 log = logging.getLogger("fedlora")
-DEFAULT_STATE_DIR = "~/.fedlora/clients"
 
 _ENV: dict[str, Run] = {}
 _ENV_LOCK = threading.Lock()
@@ -215,23 +216,15 @@ def client_train(msg: Message, context: Context) -> Message:
 
 
 def client_evaluate(msg: Message, context: Context) -> Message:
+    """This client's part of the run's evaluation plan (fedlora.evaluation), on its own model."""
     call = _ClientCall(msg, context)
     if not call.in_sync():
         return call.resync(msg)
     env, c = call.env, msg.content["config"]
     state = apply_download(call.state, Download(call.cid, call.t + 1, call.download), call.env.method).full()
     env.am.set_state(state)
-    generate, own, on_global = bool(c["generate"]), [], []
-    metrics = {}
-    if bool(c.get("own_test", True)):  # eval.clients: not every client is measured on its own test set
-        own_m = env.measure(env.client_test[call.cid], generate, own, env.client_prompts[call.cid])
-        metrics = {f"personal_{k}": float(v) for k, v in own_m.items()}
-    if bool(c["global_test"]):  # partitioned experiments only: node-local data has no global test on a client
-        g_m = env.measure(env.global_test, generate, on_global, env.global_prompts)
-        metrics |= {f"global_{k}": float(v) for k, v in g_m.items()}
-    records = {"metrics": MetricRecord(metrics)}
-    if generate:  # a few generated answers, for the run directory's samples file
-        records["samples"] = ConfigRecord({"own": json.dumps(own[:3]), "global": json.dumps(on_global[:3])})
+    task = ClientTask(test=bool(c["own_test"]), validation=bool(c["own_val"]), global_test=bool(c["global_test"]))
+    records = results_to_records(measure_client(env, call.cid, task, bool(c["generate"])))
     if bool(c["final"]):
         call.store.dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(call.store.dir / "final.safetensors"))

@@ -7,40 +7,37 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ... import rundir
-from ...checkpoint import Checkpointer, load_checkpoint
+from ...checkpoint import load_checkpoint
 from ...config import build_config
+from ...driver import RunDriver
+from ...evaluation import combine, measure_global, plan_evaluation, write_samples
 from ...federation import Upload
 from ...methods import Method, get_method
-from ...run import METRICS, Run, evaluation_row, weighted_metrics
+from ...run import Run
+from ..flower_constants import RUN_CONFIG_DEFAULTS, write_run_key
 from .patches import TRACE, fast_object_pulls
-from .wire import EVALUATE, HELLO, RETRYABLE, TRAIN, array_bytes, config_hash, from_record, message_bytes, to_record
+from .wire import (
+    EVALUATE,
+    HELLO,
+    RETRYABLE,
+    TRAIN,
+    array_bytes,
+    config_hash,
+    from_record,
+    message_bytes,
+    results_from_record,
+    to_record,
+)
 
 log = logging.getLogger("fedlora")
-RUN_META = "flower_run.json"  # in the run directory: the run's key, for --resume
-
-# run config keys of the Flower app ([tool.flwr.app.config]) and their defaults
-RUN_CONFIG_DEFAULTS = {
-    "config": "",  # the fedlora YAML config, as text
-    "run-dir": "",  # where the ServerApp writes the run directory ("" -> output.dir/name), on the SuperLink host
-    "poll-interval": 0.05,  # s between the ServerApp's pulls of replies
-    "node-wait": 120.0,  # s to wait for a partition's SuperNode to (re)appear before giving up on it
-    "round-timeout": 3600.0,  # s for one message exchange
-    "max-attempts": 3,  # sends of one message (node gone, crashed ClientApp)
-    "collect-client-states": True,  # final per-client adapters into the run directory (as `fedlora run`)
-    "wire": "packed",  # tensors on the wire: "packed" (one safetensors blob per payload) or "arrays" (one per tensor)
-    "run-key": "",  # names the clients' state folders; kept by `--resume` ("" -> Flower's run id)
-    "resume": False,  # continue after the last round checkpointed in run-dir
-}
 
 # ---------------------------------------------------------------- the server side
 
@@ -354,43 +351,35 @@ class FlowerServer:
                   if isinstance(r, Message) and r.has_content()]
         self.times[f"{kind}_client_max_s"] = max(worked, default=0.0)
 
-    # ---- evaluation ----
-    def single_model(self) -> bool:
-        return not (set(self.sim.init_state) - set(self.server.global_state))
-
+    # ---- evaluation: the plan of fedlora.evaluation, the clients' part sent as messages ----
     def evaluate(self, t: int, final: bool) -> dict:
-        """As `Run.evaluate`: the single global model on the server, every client's model on the client."""
+        """As `Run.evaluate`: the one global model on the server (its own test set), each client's model on
+        the client, combined by the same `combine`."""
         server, sim, cfg = self.server, self.sim, self.cfg
-        generate = final and sim.task.causal and cfg.eval.generate_examples > 0
-        single = self.single_model()
-        on_server = single and sim.has_global_test()  # the server's own test set, for the one global model
-        samples: dict[str, list] = {}
-        g = None
+        plan = plan_evaluation(sim, generate=final)
         server_eval: dict = {}
-        own_samples = samples.setdefault("global", []) if on_server else None
 
         def global_test() -> None:  # the one global model on the server's held-out test set, while clients work
             t0 = time.perf_counter()
             sim.am.set_state(dict(server.global_state))
-            server_eval["g"] = sim.measure(sim.global_test, generate, own_samples, sim.global_prompts)
+            server_eval["metrics"], server_eval["samples"] = measure_global(sim, plan.generate)
             self.times["server_eval_s"] = time.perf_counter() - t0
 
-        if on_server:
+        if plan.global_source == "server":
             worker = threading.Thread(target=global_test, name="fedlora-global-test")
             worker.start()
-        global_cids = sim.global_eval_clients()  # as in Run.evaluate
-        own_cids = set(sim.eval_clients())
         # the last round reaches every client too: each saves (and may send) its final state
-        wanted = [c for c in range(self.num_clients) if final or c in own_cids or (not single and c in global_cids)]
+        wanted = [c for c in range(self.num_clients) if final or c in plan.clients]
         collect = final and bool(self.rc["collect-client-states"]) and cfg.output.save_client_states
 
         def build(cid: int) -> Callable[[], RecordDict]:
             def make() -> RecordDict:
                 s0 = server.synced.get(cid, 0)
                 rec, cast = to_record(sim.method.download(server, cid, server.last_round + 1), self.wire)
-                on_client = not single and sim.has_global_test() and cid in global_cids
-                c = self.base_config(cid, t, s0, s0, global_test=on_client, final=final, collect=collect,
-                                     generate=generate, own_test=cid in own_cids)
+                task = plan.clients.get(cid)
+                c = self.base_config(cid, t, s0, s0, final=final, collect=collect, generate=plan.generate,
+                                     own_test=bool(task and task.test), own_val=bool(task and task.validation),
+                                     global_test=bool(task and task.global_test))
                 return RecordDict({"config": c, "download": rec, "download_dtypes": cast})
             return make
 
@@ -404,51 +393,25 @@ class FlowerServer:
         try:
             replies = self.exchange(EVALUATE, t, [_Send(c, build(c), resync(c)) for c in cids])
         finally:
-            if on_server:
+            if plan.global_source == "server":
                 worker.join()
         self.timing(replies, "eval", t0)
-        if on_server:
-            g = server_eval["g"]
-        per_client, gs, self.final_states = [], [], {}
+        results, self.final_states = {}, {}
         for cid in wanted:
             r = replies.get(cid)
             if not isinstance(r, Message):
                 log.warning("round %d: client %d not evaluated: %s", t, cid, r or "no SuperNode")
                 continue
-            m = r.content["metrics"]
-            part = {w: {k.removeprefix(w): float(v) for k, v in m.items() if k.startswith(w)}
-                    for w in ("personal_", "global_")}
-            if part["personal_"]:
-                per_client.append(part["personal_"])
-            if part["global_"]:
-                gs.append(part["global_"])
-            if "samples" in r.content:
-                samples[f"client_{cid}"] = json.loads(str(r.content["samples"]["own"]))
-                if part["global_"]:
-                    samples[f"global_by_{cid}"] = json.loads(str(r.content["samples"]["global"]))
+            if cid in plan.clients:
+                results[cid] = results_from_record(r.content)
             if "state" in r.content:
                 self.final_states[cid] = from_record(r.content["state"], r.content["state_dtypes"])
-        if not per_client:
-            return {}
-        if not sim.has_global_test():  # no global test set: the clients' reports, example-weighted
-            g = weighted_metrics(per_client)
-        elif g is None and not gs:
-            return {}
-        elif g is None:
-            g = {k: float(np.mean([x[k] for x in gs])) for k in gs[0] if k in METRICS}
-        if generate:
-            with open(self.run_dir / f"samples_round_{server.last_round}.jsonl", "w") as f:
-                for who, rows in samples.items():
-                    for r in rows[:3]:
-                        f.write(json.dumps({"model": who, **r}) + "\n")
-        row = evaluation_row(g, per_client)
-        if len(own_cids) < self.num_clients:
-            row["eval_clients"] = sorted(own_cids)
-        if len(per_client) < len(own_cids):
-            row["evaluated_clients"] = len(per_client)
+        row, samples = combine(sim, plan, server_eval.get("metrics"), results, server_eval.get("samples"))
+        if plan.generate:
+            write_samples(self.run_dir, server.last_round, samples)
         return row
 
-    # ---- the run ----
+    # ---- the run: built once the nodes have said which labels they hold, then driven by the RunDriver ----
     def label_space(self, ck: dict | None) -> list[str] | None:
         """Node-local data: the checkpoint's, task.labels, or the union of what every client reported (the classes,
         or a causal LM's categories)."""
@@ -471,21 +434,24 @@ class FlowerServer:
         else:  # partitioned experiments: the shared task is loaded here too, as on every node
             self.sim = Run(self.cfg, self.run_dir)
         self.server = self.sim.server
-        if ck is not None:
-            self.server.load_state_dict(ck["server"])
-            self.sim.dropout_rng.bit_generator.state = ck["rng"]["dropout"]
-            self.sim.history, self.cum_flower = ck["history"], ck["flower"]
-            log.info("resuming %s after round %d", self.run_dir, ck["round"])
 
-    def checkpoint(self) -> None:
-        """The in-process checkpoint's server part (each client keeps its own state on its node)."""
-        self.checkpointer.save(self.server_snapshot())
+    def snapshot(self) -> dict:
+        """The run's checkpoint (each client keeps its own state on its node) and this runtime's counters."""
+        return self.sim.snapshot() | {"flower": self.cum_flower, "labels": self.labels or []}
 
-    def server_snapshot(self) -> dict:
-        sim = self.sim
-        return {"round": len(sim.history), "history": sim.history, "server": self.server.state_dict(),
-                "rng": {"dropout": sim.dropout_rng.bit_generator.state}, "flower": self.cum_flower,
-                "labels": self.labels or []}
+    def restore(self, ck: dict) -> None:
+        self.sim.restore(ck)
+        self.cum_flower = ck["flower"]
+
+    def evaluate_now(self) -> dict:
+        return self.evaluate(self.server.last_round, final=False)
+
+    def final_models(self) -> tuple[dict[str, torch.Tensor] | None, Iterable[tuple[int, dict[str, torch.Tensor]]]]:
+        # each client's model was collected at the final evaluation
+        return (self.server.global_state if self.sim.single_model() else None), self.final_states.items()
+
+    def summary_extra(self) -> dict:
+        return {"runtime": "flower", **{f"flower_{k}": v for k, v in self.cum_flower.items()}}
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -498,30 +464,17 @@ class FlowerServer:
         if not self.nodes:
             raise RuntimeError(f"no SuperNode joined within node-wait = {self.rc['node-wait']} s")
         self.build(ck)
-        sim = self.sim
-        self.checkpointer = Checkpointer(self.run_dir)  # incremental: a base, then what changed each round
-        if ck is not None:
-            self.checkpointer.resumed(self.server_snapshot(), ck)
-        rundir.start(self.run_dir, cfg, sim.adapter_meta())
         if str(self.rc["run-key"]):  # what `fedlora flower run --resume RUN_DIR` needs to find the clients' state
-            (self.run_dir / RUN_META).write_text(json.dumps({"run-key": str(self.rc["run-key"])}))
+            write_run_key(self.run_dir, str(self.rc["run-key"]))
         print(f"fedlora: {len(self.nodes)}/{self.num_clients} clients connected; run directory {self.run_dir}",
               flush=True)
 
-        def after_round(t: int, row: dict) -> None:
-            self.checkpoint()
+        def progress(row: dict) -> None:
             acc = "".join(f"  {w} {row[f'{w}_{m}']:.3f}" for m in ("accuracy", "perplexity")
                           for w in ("global", "personal") if f"{w}_{m}" in row)
-            print(f"fedlora: round {t}/{cfg.federation.rounds}{acc}  {row['wall_s']:.2f} s", flush=True)
+            print(f"fedlora: round {row['round']}/{cfg.federation.rounds}{acc}  {row['wall_s']:.2f} s", flush=True)
 
-        rundir.write_rounds(self.run_dir, sim.history, cfg.federation.rounds, self.run_round, after_round)
-        summary = sim.summary(sum(r["wall_s"] for r in sim.history))
-        summary |= {"runtime": "flower", **{f"flower_{k}": v for k, v in self.cum_flower.items()}}
-        rundir.write_summary(self.run_dir, summary)
-        if cfg.output.save_client_states:  # each client's model was collected at the final evaluation
-            rundir.save_states(self.run_dir, self.server.global_state,
-                               self.server.global_state if self.single_model() else None, self.final_states.items())
-        return summary
+        return RunDriver(self.sim, self).drive(ck, progress)
 
 
 server_app = ServerApp()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
@@ -80,3 +81,25 @@ def message_bytes(msg: Message) -> int:
 def config_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+
+
+EVAL_SETS = ("test", "val", "global")  # the parts of a client's evaluation result (fedlora.evaluation)
+
+
+def results_to_records(result: dict) -> dict:
+    """A client's evaluation result (`measure_client`) as records: metrics '<set>_<name>', samples as JSON."""
+    metrics = {f"{part}_{k}": float(v) for part in EVAL_SETS for k, v in result.get(part, {}).items()}
+    records: dict = {"metrics": MetricRecord(metrics)}
+    if result.get("samples"):
+        records["samples"] = ConfigRecord({k: json.dumps(v) for k, v in result["samples"].items()})
+    return records
+
+
+def results_from_record(content: RecordDict) -> dict:
+    out: dict = {"samples": {}}
+    for key, v in content["metrics"].items():
+        part, name = key.split("_", 1)
+        out.setdefault(part, {})[name] = float(v)
+    if "samples" in content:
+        out["samples"] = {k: json.loads(str(v)) for k, v in content["samples"].items()}
+    return out
