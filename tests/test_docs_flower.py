@@ -1,6 +1,6 @@
-"""The README's copy-paste loopback block, run as written: 3 silos from 3 files, TLS, node authentication.
+"""The Flower page's copy-paste loopback block, run as written: 3 silos from 3 files, TLS, node authentication.
 
-The block is taken from README.md verbatim and run by bash with its two variables (`FL`, `PORT`) set to a
+The block is taken from docs/flower.md verbatim and run by bash with its two variables (`FL`, `PORT`) set to a
 temporary folder and a free port; its result must equal `fedlora run` of the `run.yaml` it wrote, bit for bit.
 """
 
@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def loopback_block() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "flower.md").read_text()
     start = text.index("**Rehearse it on one machine**")
     return re.search(r"```\n(.*?)```", text[start:], re.S).group(1)
 
 
-def test_readme_loopback_block_runs_and_equals_in_process(tmp_path):
+def test_flower_docs_loopback_block_runs_and_equals_in_process(tmp_path):
     block = loopback_block()
     assert "--node-auth" in block and "--data $FL/silos/client_$i.csv" in block and "--root-certificates" in block
     env = {**os.environ, "FL": str(tmp_path / "fl"), "PORT": str(free_port()), "HF_HUB_OFFLINE": "1",
