@@ -20,7 +20,8 @@ from ... import rundir
 from ...checkpoint import Checkpointer, load_checkpoint
 from ...config import build_config
 from ...federation import Upload
-from ...methods import Method, get_method
+from ...methods import get_method
+from ...methods.capabilities import DownloadWire
 from ...run import METRICS, Run, evaluation_row, weighted_metrics
 from .patches import TRACE, fast_object_pulls
 from .wire import EVALUATE, HELLO, RETRYABLE, TRAIN, array_bytes, config_hash, from_record, message_bytes, to_record
@@ -75,7 +76,7 @@ class FlowerServer:
         if get_method(self.cfg.method.name).pooled:
             raise ValueError(f"method '{self.cfg.method.name}' pools every client's data in one trainer: "
                              f"it has no federated form; run it with `fedlora run`")
-        if get_method(self.cfg.method.name).download_wire is not Method.download_wire:
+        if issubclass(get_method(self.cfg.method.name), DownloadWire):
             raise ValueError(f"method '{self.cfg.method.name}' sends downloads that the client decodes (stacked "
                              f"factors), which this runtime does not do yet; run it with `fedlora run`")
         self.poll = float(rc["poll-interval"])
