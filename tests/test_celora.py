@@ -14,10 +14,10 @@ from conftest import make_sim
 
 import fedlora.run as run_module
 from fedlora.adapters import export_peft, factor_of
+from fedlora.adapters.tri_init import svd_factors
 from fedlora.data import Split
 from fedlora.federation import apply_download
 from fedlora.methods import similarity as sim_fn
-from fedlora.methods.celora import svd_factors
 from fedlora.models import load_classifier
 
 DIRICHLET = {"num_clients": 3, "scheme": "dirichlet", "alpha": 1.0, "min_partition_size": 20}
@@ -449,7 +449,7 @@ SVD_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(int(sys.argv[2]))
     from fedlora.adapters import inject_adapters
-    from fedlora.methods.celora import init_tri_factors
+    from fedlora.adapters.tri_init import init_tri_factors
     from fedlora.models import load_classifier
     am = inject_adapters(load_classifier("tiny-bert", 4, 0), ["query", "value"], 4, 8, tri=True)
     init_tri_factors(am, "svd", 0)

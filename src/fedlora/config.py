@@ -6,10 +6,11 @@ Every section forbids unknown fields, so a misspelled key fails with one line na
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import ConfigError
 
@@ -79,79 +80,44 @@ class AdapterConfig(_Section):
     client_ranks: list[int] | dict[int, float] | None = None
 
 
-class CELoRAConfig(_Section):
-    ab_init: Literal["svd", "random"] = "svd"
-    # frozen: A, B never train (C means the same on every client); local: they train and stay personal;
-    # warmup: they train in rounds 1..ab_warmup_rounds of the run, then freeze
-    ab_train: Literal["frozen", "local", "warmup"] = "local"
-    ab_warmup_rounds: int = Field(2, ge=0)
-    beta: float = Field(0.5, ge=0, le=1)  # weight of data-space vs parameter-space similarity
-    # the others' softmax temperature, on z-scored similarities (unit spread per row); large -> by example share
-    tau: float = Field(1.0, gt=0)
-    # w_ii: a number (untuned default 0.5), or auto (self scored as its most similar other)
-    self_weight: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = 0.5
-    # softmax; learned: the others' weights refined by alignment with the client's update; fedavg: plain FedAvg of C;
-    # shrink: C̄_i = self_weight · C_i, no other client's C (a control: is what mixing adds only shrinkage to C = 0?)
-    weights: Literal["softmax", "learned", "fedavg", "shrink"] = "softmax"
-    learned_steps: int = Field(20, ge=0)
-    learned_lambda: float = Field(1.0, ge=0)  # pull towards the softmax weights
-    learned_lr: float = Field(0.1, gt=0)
-    # what the data descriptor holds: overall feature mean and variance (2 x hidden numbers), or per class
-    descriptor: Literal["overall", "per_class"] = "overall"
-    # the data descriptor's private release: clip it to L2 norm descriptor_clip, add N(0, (sigma·clip)²);
-    # with privacy.dp on, its (sigma, 1 release) is composed into the run's epsilon
-    descriptor_sigma: float = Field(0.0, ge=0)
-    descriptor_clip: float = Field(1.0, gt=0)
-    param_center: bool = False  # subtract the round's mean ΔC before the cosine (removes the drift all share)
-    # the basis C is sent and aggregated in: own (each client's A_i, B_i: the paper's) or common (the shared
-    # initial A0, B0, into which each client maps its B_i C_i A_i and back; exact with ab_train frozen)
-    c_basis: Literal["own", "common"] = "own"
-
-    @model_validator(mode="after")
-    def _check_shrink(self) -> CELoRAConfig:
-        if self.weights == "shrink" and self.self_weight == "auto":
-            raise ValueError("method.celora.self_weight: weights 'shrink' needs a number (the shrinkage factor), "
-                             "not auto")
-        return self
-
-
-class HetLoRAConfig(_Section):
-    aggregation: Literal["zero_pad", "sparsity"] = "zero_pad"  # sparsity: weights ∝ ||B_i A_i||_F per layer
-    prune_gamma: float = Field(1.0, gt=0, le=1)  # self-pruning: r_i <- floor(gamma r_i) when the tail shrinks; 1: off
-    min_rank: int = Field(1, gt=0)  # self-pruning never goes below this rank
-
-
-class FedProxConfig(_Section):
-    mu: float = Field(0.01, ge=0)  # weight of the proximal term μ/2 ‖θ − θ_global‖²
-
-
-class PFedGraphConfig(_Section):
-    alpha: float = Field(0.8, gt=0)  # weight of ‖w_i − p‖² against the similarity term (the paper's α)
-
-
-class FedDPAConfig(_Section):
-    local_weight: float = Field(1.0, ge=0)  # the local adapter's weight in the mixed model at inference
-
-
-class LoRAFAIRConfig(_Section):
-    # ridge on the server's correction ΔB, relative to the mean eigenvalue of Ā Āᵀ; 0: plain least squares
-    lam: float = Field(0.01, ge=0)
-
-
-class RAVANConfig(_Section):
-    heads: int = Field(4, gt=0)  # h: adapter.r is split into h heads of rank r / h
-
-
 class MethodConfig(_Section):
+    """`name` and `head`, and one section per registered method that has options (`method.<name>`: e.g.
+    `method.celora.beta`), each validated by the Options model declared beside its method (methods/<name>.py)
+    and filled with its defaults when absent; an unregistered key fails like any unknown field."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # the sections: checked below
+
     name: str = "fedit"
     head: Literal["shared", "personal"] | None = None  # None: the method's default
-    celora: CELoRAConfig = Field(default_factory=CELoRAConfig)
-    hetlora: HetLoRAConfig = Field(default_factory=HetLoRAConfig)
-    fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
-    pfedgraph: PFedGraphConfig = Field(default_factory=PFedGraphConfig)
-    feddpa: FedDPAConfig = Field(default_factory=FedDPAConfig)
-    lorafair: LoRAFAIRConfig = Field(default_factory=LoRAFAIRConfig)
-    ravan: RAVANConfig = Field(default_factory=RAVANConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from .methods import METHODS  # here, not at the top: the methods import this module
+
+        out, errors = dict(data), []
+        name = out.get("name", "fedit")
+        if isinstance(name, str) and name not in METHODS:
+            errors.append(InitErrorDetails(type=PydanticCustomError(
+                "unknown_method", "unknown method '{name}' (known: {known})",
+                {"name": name, "known": ", ".join(sorted(METHODS))}), loc=("name",), input=name))
+        sections = {m: c.options for m, c in sorted(METHODS.items()) if c.options is not None}
+        for key in [k for k in out if k not in cls.model_fields]:
+            if key not in sections:
+                errors.append(InitErrorDetails(type="extra_forbidden", loc=(key,), input=out[key]))
+                continue
+            try:
+                out[key] = sections[key].model_validate(out[key])
+            except ValidationError as e:  # re-raised below with the section's name in front of each location
+                errors += [InitErrorDetails(type=x["type"], loc=(key, *x["loc"]), input=x["input"],
+                                            ctx=x.get("ctx", {})) for x in e.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        for key, options in sections.items():
+            out.setdefault(key, options())
+        return out
 
 
 class FederationConfig(_Section):
@@ -269,12 +235,6 @@ class RunConfig(_Section):
                              f"> partition.num_clients ({n})")
         if self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients ({self.federation.min_clients}) > partition.num_clients ({n})")
-        if self.privacy.dp == "central" and self.method.name == "celora":
-            raise ValueError("privacy.dp: central DP is not supported for celora (personalized C̄); use local")
-        c = self.method.celora
-        if self.privacy.dp != "none" and self.method.name == "celora" and c.beta > 0 and c.descriptor_sigma == 0:
-            raise ValueError("privacy.dp is on but CE-LoRA's data descriptor (used when method.celora.beta > 0) "
-                             "would be released without noise: set method.celora.descriptor_sigma > 0 or beta 0")
         cr = self.adapter.client_ranks
         if isinstance(cr, list) and len(cr) != n:
             raise ValueError(f"adapter.client_ranks: {len(cr)} ranks for partition.num_clients {n}")
@@ -296,6 +256,9 @@ class RunConfig(_Section):
             raise ValueError("partition.files, partition.test_files and eval.server_test need partition.scheme 'files'")
         if self.eval.split == "validation" and self.partition.client_val_fraction == 0:
             raise ValueError("eval.split is 'validation' but partition.client_val_fraction is 0")
+        from .methods import get_method  # here, not at the top: the methods import this module
+
+        get_method(self.method.name).check(self)  # the method's own checks, declared beside it
         return self
 
 

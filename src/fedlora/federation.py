@@ -23,6 +23,14 @@ from .adapters import AdaptedModel, factor_of
 from .config import FederationConfig, TrainConfig
 from .data import BatchStream, Examples
 from .methods import Method, is_adapter_key
+from .methods.capabilities import (
+    DownloadWire,
+    KeepsClientState,
+    RoundMetrics,
+    SendsDescriptor,
+    TrainsWithHook,
+    UploadCodec,
+)
 from .ranks import rank_shape, truncate
 from .seeding import rng, torch_seed
 from .server_opt import server_step
@@ -103,7 +111,8 @@ class Server:
 
     def download(self, cid: int, t: int) -> Download:
         dl = Download(cid, t, self.method.download(self, cid, t))
-        dl.wire = self.method.download_wire(self, cid, t, dl.tensors)
+        if isinstance(self.method, DownloadWire):
+            dl.wire = self.method.download_wire(self, cid, t, dl.tensors)
         self.synced[cid] = self.last_round
         return dl
 
@@ -168,7 +177,8 @@ class Server:
         accepted, rejected, losses = [], [], []
         dropped = [cid for cid in downloads if uploads.get(cid) is None]
         # bytes sent besides the tensors (CE-LoRA's descriptor, sent before the download): every client asked
-        extra = sum(self.method.extra_upload_bytes(cid, t) for cid in downloads)
+        extra = sum(self.method.extra_upload_bytes(cid, t) for cid in downloads) \
+            if isinstance(self.method, SendsDescriptor) else 0
         for cid, upload in uploads.items():
             if upload is None:
                 continue
@@ -202,7 +212,8 @@ class Server:
                 **{f"up_{k}": v for k, v in up.items()}, **{f"down_{k}": v for k, v in down.items()},
                 "up_raw_adapter_per_client": up["raw_adapter"] / n_up, "up_raw_per_client": up["raw"] / n_up,
                 **{f"cum_{k}": v for k, v in self.cumulative.items()}, "epsilon": run_epsilon(self.method.cfg, t),
-                **(self.method.round_metrics(self, t) if not skipped else {})}
+                **(self.method.round_metrics(self, t) if isinstance(self.method, RoundMetrics) and not skipped
+                   else {})}
 
     def final_download_bytes(self, cids: list[int]) -> dict[str, int]:
         """The bytes of the last download every client receives after the final round: the model it is evaluated
@@ -226,9 +237,11 @@ class Server:
 
 
 def apply_download(state: ClientState, dl: Download, method: Method) -> ClientState:
-    """The client's state once it has stored the download (as `method.decode_download` reads it)."""
+    """The client's state once it has stored the download (as an UploadCodec's `decode_download` reads it)."""
     shared, personal = dict(state.shared), dict(state.personal)
-    tensors = method.decode_download(dl.tensors, state.full()) if dl.tensors else dl.tensors
+    tensors = dl.tensors
+    if tensors and isinstance(method, UploadCodec):
+        tensors = method.decode_download(tensors, state.full())
     for k, v in tensors.items():
         (shared if k in shared else personal)[k] = v
     return ClientState(shared, personal)
@@ -248,14 +261,19 @@ def _fit_finish(method: Method, state: ClientState, dl: Download, trained: dict[
     t = dl.round
     uploaded = method.uploaded(t)
     start = state.full()
-    tensors = method.encode_upload({k: v for k, v in trained.items() if factor_of(k) in uploaded},
-                                   {**start, **trained})
+    codec = isinstance(method, UploadCodec)
+    tensors = {k: v for k, v in trained.items() if factor_of(k) in uploaded}
+    if codec:
+        tensors = method.encode_upload(tensors, {**start, **trained})
     if method.cfg.privacy.dp != "none":  # clip the delta from the start state (+ local DP noise)
         from .privacy.dp import privatize_upload
 
-        start = {**start, **method.encode_upload({k: start[k] for k in tensors if k in start}, start)}
+        if codec:
+            start = {**start, **method.encode_upload({k: start[k] for k in tensors if k in start}, start)}
         tensors = privatize_upload(tensors, start, method.cfg.privacy, method.cfg.seed, dl.client, t)
-    sent, kept = method.after_local(state, trained, t, stats)  # a method's own tensors (SCAFFOLD's Δc_i, c_i)
+    sent, kept = {}, {}
+    if isinstance(method, KeepsClientState):  # a method's own tensors (SCAFFOLD's Δc_i, c_i)
+        sent, kept = method.after_local(state, trained, t, stats)
     upload = Upload(dl.client, t, {**tensors, **sent}, n_examples=n_examples, metrics=stats)
     personal = {k: (trained.get(k, v) if is_adapter_key(k) else v) for k, v in state.personal.items()}
     new_state = ClientState(state.shared, {**personal, **kept})
@@ -277,7 +295,7 @@ def client_fit(am: AdaptedModel, method: Method, state: ClientState, dl: Downloa
     with torch.random.fork_rng(devices=[am.device] if am.device.type == "cuda" else []):
         torch.manual_seed(_train_noise_seed(method.cfg.seed, t, [dl.client]))
         stats = local_train(am, data, stream, method.trainable(t), train, method.local_steps(),
-                            hook=method.local_hook(state, t))
+                            hook=method.local_hook(state, t) if isinstance(method, TrainsWithHook) else None)
     trained = am.get_state(keys=_leaving(method, state, t))
     return _fit_finish(method, state, dl, trained, stats, len(data))
 

@@ -35,7 +35,7 @@ from .data import (
 from .data.silo import Silo, config_silos, files_task, no_examples
 from .evaluation import METRICS, combine, measure_client, measure_global, plan_evaluation, write_samples
 from .federation import ClientState, Download, Server, apply_download
-from .methods import get_method
+from .methods import MethodContext, get_method
 from .metrics import resolve_metrics
 from .models import cast_base, default_targets, load_causal_lm, load_classifier, load_tokenizer
 from .seeding import rng, torch_generator
@@ -139,7 +139,9 @@ class Run:
                                   full_update=self.method.full_update, dual=self.method.dual,
                                   generator=torch_generator("adapter_init", cfg.seed, 1))
         self.am.precision = cfg.precision
-        self.method.setup(self)
+        labels = np.asarray(self.task.labels, dtype=np.int64)  # the method sees these facts, never the Run
+        self.method.setup(MethodContext(self.am, cfg.seed, self.run_dir, self.task.num_labels,
+                                        [labels[tr] for tr, _ in self.split.clients], self.method.opt))
         self.init_state = self.am.get_state()
 
         # trainers: one per client, or one pooled trainer for the centralized reference (the one place that

@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # torch alone at run time: benchmarks/throughput.py runs on a
     from .data import BatchStream, Examples
 
 
-def _lr(factor: str, cfg: TrainConfig) -> float:
+def factor_lr(factor: str, cfg: TrainConfig) -> float:
+    """The learning rate of an adapter factor ("A", "B", "C", "head", ...): lr_c for C, lr_head for the head."""
     return {"C": cfg.lr_c, "head": cfg.lr_head}.get(factor, cfg.lr)
 
 
@@ -54,12 +55,12 @@ def local_train(am: AdaptedModel, data: Examples, stream: BatchStream, factors: 
     Under bf16/fp16 (`am.precision`) the forward runs in autocast while the parameters and AdamW's moments
     stay fp32. The loss is summed on the device and read once at the end: no host sync per step."""
     am.set_trainable(factors)
-    groups = [{"params": ps, "lr": _lr(f, cfg)} for f in sorted(factors) if (ps := am.parameters({f}))]
+    groups = [{"params": ps, "lr": factor_lr(f, cfg)} for f in sorted(factors) if (ps := am.parameters({f}))]
     if not groups:
         return {"train_loss": float("nan"), "steps": 0}
     params = [p for g in groups for p in g["params"]]
     named = dict(zip(am.keys(factors), am.parameters(factors), strict=True))
-    lrs = {k: _lr(factor_of(k), cfg) for k in named}
+    lrs = {k: factor_lr(factor_of(k), cfg) for k in named}
     if getattr(cfg, "optimizer", "adamw") == "sgd":  # a bare TrainConfig-like object (throughput, gpu_check): AdamW
         opt = torch.optim.SGD(groups, weight_decay=cfg.weight_decay)
     else:
@@ -153,7 +154,7 @@ def local_train_stacked(am: AdaptedModel, states: list[dict[str, torch.Tensor]],
     k = len(states)
     with stacked(am, states) as stack:
         set_trainable_stacked(stack, factors)
-        groups = [{"params": ps, "lr": _lr(f, cfg)} for f in sorted(factors)
+        groups = [{"params": ps, "lr": factor_lr(f, cfg)} for f in sorted(factors)
                   if (ps := [p for key, p in stack.items() if key in am.keys({f})])]
         if not groups:
             return [{} for _ in states], [{"train_loss": float("nan"), "steps": 0} for _ in states]

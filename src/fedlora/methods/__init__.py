@@ -1,9 +1,13 @@
-"""One file per method; importing this package registers every module in it."""
+"""One file per method; importing this package registers every module in it.
+
+A method file declares the method (`@register`), its options (`Options`, the section `method.<name>`) and
+its cross-section checks (`check`); config.py validates both through `METHODS` when a config is built.
+"""
 
 import importlib
 import pkgutil
 
-from .base import METHODS, Method, is_adapter_key, register, weighted_mean
+from .base import METHODS, Method, MethodContext, MethodOptions, is_adapter_key, register, weighted_mean
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "base":
@@ -16,4 +20,5 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "get_method", "is_adapter_key", "register", "weighted_mean"]
+__all__ = ["METHODS", "Method", "MethodContext", "MethodOptions", "get_method", "is_adapter_key", "register",
+           "weighted_mean"]

@@ -4,15 +4,24 @@ A method says which adapter factors train in round t, which are uploaded, how th
 aggregates the uploads, and what stays personal (every factor the server does not hold). The task
 head follows `method.head` (shared: uploaded and averaged; personal: never leaves the client).
 
+A method file holds everything about its method: the class (registered with `@register`), its options
+(`Options`, a pydantic model: the config section `method.<name>`, validated through the registry by
+config.py) and its cross-section checks (`check`). Hooks that serve one method or a few are optional
+capabilities (capabilities.py). A method sees the run through `MethodContext` at set-up, never the run.
+
 Server-side state lives in the `Server` (global tensors, their versions, per-client sync marks);
 a method that needs more (CE-LoRA's per-client C̄) keeps it in `server.extra`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from ..adapters import factor_of
 from ..config import ConfigError, RunConfig
@@ -20,10 +29,7 @@ from ..ranks import client_ranks
 
 if TYPE_CHECKING:  # imported for type hints only: federation imports methods, not the reverse
     from ..adapters import AdaptedModel
-    from ..data import Examples
-    from ..federation import ClientState, Server, Upload
-    from ..run import Run
-    from ..train import LocalHook
+    from ..federation import Server, Upload
 
 
 class ServerView(Protocol):
@@ -37,10 +43,35 @@ class ServerView(Protocol):
     extra: dict  # method-specific server state (checkpointed with the server)
 
 
+class MethodOptions(BaseModel):
+    """A method's options, the config section `method.<name>`: a misspelled key fails with one line naming it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method's `setup` may use: the adapted model and a few facts about the run, never the run itself."""
+
+    am: AdaptedModel  # the one adapted model, built, before the initial state is taken
+    seed: int  # the run's training seed
+    run_dir: Path  # where the run writes (a method may add files of its own)
+    num_labels: int  # the task's labels (a causal LM: its categories)
+    client_labels: list[np.ndarray]  # each client's training examples' labels (int64), in client order
+    options: MethodOptions | None = None  # the method's section `method.<name>` (None: it has none)
+
+
 METHODS: dict[str, type[Method]] = {}
+RESERVED = frozenset({"name", "head"})  # MethodConfig's own fields: no method's section may take these names
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Register a method under `cls.name`; its `options` (if any) become the config section `method.<name>`,
+    validated whenever a config is built from then on."""
+    if not cls.name.isidentifier() or cls.name in RESERVED:
+        raise ValueError(f"method name {cls.name!r} must be an identifier other than {sorted(RESERVED)}")
+    if cls.options is not None and not issubclass(cls.options, BaseModel):
+        raise TypeError(f"method {cls.name}: options must be a pydantic model (subclass MethodOptions)")
     METHODS[cls.name] = cls
     return cls
 
@@ -60,7 +91,12 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
 
 
 class Method:
+    """The base every method derives from, kept small: class flags, the four answers (`train_factors`,
+    `upload_factors`, `download`, `aggregate`: FedAvg by default) and the few hooks every runtime calls.
+    Anything serving one method is an optional capability (capabilities.py)."""
+
     name: ClassVar[str] = ""
+    options: ClassVar[type[MethodOptions] | None] = None  # the section `method.<name>` (None: no options)
     tri: ClassVar[bool] = False  # the adapter has the core C (B C A)
     dual: ClassVar[bool] = False  # the adapter has a second, local pair LB LA (FedDPA)
     default_head: ClassVar[str] = "shared"
@@ -74,11 +110,17 @@ class Method:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.opt = getattr(cfg.method, self.name) if self.options is not None else None  # method.<name>
         self.head = cfg.method.head or self.default_head
         self.ranks = client_ranks(cfg)  # each client's adapter rank
         if len(set(self.ranks)) > 1 and not self.mixed_ranks:
             raise ConfigError(f"adapter.client_ranks: method {self.name} cannot take mixed ranks "
                               f"{sorted(set(self.ranks))}; use hetlora, flexlora, flora or local")
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Checks across config sections for a run of this method, at validation (config.py): raise
+        ValueError with one line naming the field. Its own section is already valid (`options`)."""
 
     # --- the four answers (adapter factors; the head is added below from `self.head`) ---
     def train_factors(self, t: int) -> set[str]:
@@ -103,73 +145,23 @@ class Method:
         """Optimizer steps a client takes in one round."""
         return self.cfg.train.local_steps
 
-    def setup(self, sim: Run) -> None:
+    def setup(self, ctx: MethodContext) -> None:
         """Called once before round 1 with the adapted model built (e.g. to initialise factors)."""
 
     def client_rank(self, server: Server, cid: int) -> int:
         """The adapter rank client `cid` holds now (its uploads are validated at this rank)."""
         return self.ranks[cid]
 
-    def download_wire(self, server: Server, cid: int, t: int,
-                      tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """What crosses the network for this download when it differs from the tensors the client ends up
-        with (FLoRA sends stacked factors, the client folds them into W); None: the tensors themselves."""
-        return None
-
-    def extra_upload_bytes(self, cid: int, t: int) -> int:
-        """Bytes a client sends besides its tensors this round (CE-LoRA: its data descriptor, when first sent)."""
-        return 0
-
-    # --- a message a client sends once, when it first takes part, before its first download ---
     def needs_descriptor(self, server: Server, cid: int) -> bool:
-        """Server side: whether client `cid` must send its data descriptor before its download."""
+        """Whether client `cid` must send a one-time message before its download (capabilities.SendsDescriptor:
+        `client_descriptor`, `receive_descriptor`). Default: never."""
         return False
-
-    def client_descriptor(self, am: AdaptedModel, data: Examples, classes: torch.Tensor,
-                          cid: int) -> dict[str, torch.Tensor]:
-        """Client side: the descriptor of the client's own training data (`classes`: one label per example)."""
-        raise NotImplementedError
-
-    def receive_descriptor(self, server: Server, cid: int, desc: dict[str, torch.Tensor], t: int) -> None:
-        """Server side: store a descriptor received in round t (charged by `extra_upload_bytes`)."""
-
-    def round_metrics(self, server: Server, t: int) -> dict:
-        """Extra columns for round t's metrics row (after aggregation)."""
-        return {}
-
-    # --- client side: what the uploaded and downloaded tensors mean in the client's own model ---
-    @property
-    def encodes_upload(self) -> bool:
-        """Whether `encode_upload` maps the trained tensors before they are sent."""
-        return False
-
-    def encode_upload(self, tensors: dict[str, torch.Tensor],
-                      model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The uploaded `tensors` as they are sent, given the client's whole adapter state `model`
-        (CE-LoRA's common basis maps C into the shared initial A, B). Default: sent as trained."""
-        return tensors
-
-    def decode_download(self, tensors: dict[str, torch.Tensor],
-                        model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The downloaded `tensors` as the client stores them, given its adapter state `model` before the
-        download (the inverse of `encode_upload`). Default: stored as received."""
-        return tensors
 
     def upload_reference(self, server: Server, cid: int) -> dict[str, torch.Tensor]:
         """What client `cid` started this round with, as the server knows it, for keys the server does not hold
         (the update it is checked against is upload − start). Default: none; the server's own tensors and the
         seeded initial state cover every other key."""
         return {}
-
-    def local_hook(self, state: ClientState, t: int) -> LocalHook | None:
-        """An addition to client-side local training (a loss term, a per-step correction); None: plain."""
-        return None
-
-    def after_local(self, state: ClientState, trained: dict[str, torch.Tensor], t: int,
-                    stats: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """On the client after training: (tensors sent besides the uploaded factors, client state to keep),
-        both keyed '<method>/...' (SCAFFOLD: Δc_i sent, c_i kept). Sent tensors are counted like any upload."""
-        return {}, {}
 
     def upload_spec(self, t: int, spec: dict[str, tuple]) -> dict[str, tuple]:
         """{key: (shape, dtype)} of every tensor a valid upload in round t holds (`spec`: the adapter's)."""

@@ -45,14 +45,17 @@ overall feature mean and variance (`descriptor: overall`, 2 × hidden numbers), 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from ..adapters import AdaptedModel, factor_of
-from ..seeding import rng, torch_generator
-from .base import Method, register
+from ..adapters.tri_init import init_tri_factors
+from ..seeding import rng
+from .base import Method, MethodContext, MethodOptions, register
+from .capabilities import RoundMetrics, SendsDescriptor, UploadCodec
 from .similarity import (
     combine_weights,
     data_descriptor,
@@ -67,55 +70,55 @@ from .similarity import (
 )
 
 if TYPE_CHECKING:
+    from ..config import RunConfig
     from ..data import Examples
     from ..federation import Server, Upload
-    from ..run import Run
 
 
-# ---------------------------------------------------------------- A, B initialization
+# ---------------------------------------------------------------- options
 
 
-def svd_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (r×d) = top-r right singular vectors of W0 (k×d) as rows, B (k×r) = top-r left singular vectors.
+class Options(MethodOptions):
+    """method.celora: every choice the paper's abstract leaves open."""
 
-    Computed in float64 and cast to W0's dtype. Signs: the largest-|entry| of each left singular vector
-    u_i (first one on ties) is made positive, and v_i is flipped with it, so that B diag(S) A stays the
-    rank-r truncated SVD of W0 and every client computes the same factors from the same W0.
-    """
-    w = weight.detach().to(torch.float64)
-    u, _, vh = torch.linalg.svd(w, full_matrices=False)
-    u, vh = u[:, :r], vh[:r, :]
-    pivot = u.abs().argmax(dim=0)
-    sign = torch.sign(u[pivot, torch.arange(r)])
-    sign[sign == 0] = 1.0
-    return (vh * sign[:, None]).to(weight.dtype).contiguous(), (u * sign[None, :]).to(weight.dtype).contiguous()
+    ab_init: Literal["svd", "random"] = "svd"
+    # frozen: A, B never train (C means the same on every client); local: they train and stay personal;
+    # warmup: they train in rounds 1..ab_warmup_rounds of the run, then freeze
+    ab_train: Literal["frozen", "local", "warmup"] = "local"
+    ab_warmup_rounds: int = Field(2, ge=0)
+    beta: float = Field(0.5, ge=0, le=1)  # weight of data-space vs parameter-space similarity
+    # the others' softmax temperature, on z-scored similarities (unit spread per row); large -> by example share
+    tau: float = Field(1.0, gt=0)
+    # w_ii: a number (untuned default 0.5), or auto (self scored as its most similar other)
+    self_weight: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = 0.5
+    # softmax; learned: the others' weights refined by alignment with the client's update; fedavg: plain FedAvg of C;
+    # shrink: C̄_i = self_weight · C_i, no other client's C (a control: is what mixing adds only shrinkage to C = 0?)
+    weights: Literal["softmax", "learned", "fedavg", "shrink"] = "softmax"
+    learned_steps: int = Field(20, ge=0)
+    learned_lambda: float = Field(1.0, ge=0)  # pull towards the softmax weights
+    learned_lr: float = Field(0.1, gt=0)
+    # what the data descriptor holds: overall feature mean and variance (2 x hidden numbers), or per class
+    descriptor: Literal["overall", "per_class"] = "overall"
+    # the data descriptor's private release: clip it to L2 norm descriptor_clip, add N(0, (sigma·clip)²);
+    # with privacy.dp on, its (sigma, 1 release) is composed into the run's epsilon
+    descriptor_sigma: float = Field(0.0, ge=0)
+    descriptor_clip: float = Field(1.0, gt=0)
+    param_center: bool = False  # subtract the round's mean ΔC before the cosine (removes the drift all share)
+    # the basis C is sent and aggregated in: own (each client's A_i, B_i: the paper's) or common (the shared
+    # initial A0, B0, into which each client maps its B_i C_i A_i and back; exact with ab_train frozen)
+    c_basis: Literal["own", "common"] = "own"
 
+    @model_validator(mode="after")
+    def _check_shrink(self) -> Options:
+        if self.weights == "shrink" and self.self_weight == "auto":
+            raise ValueError("method.celora.self_weight: weights 'shrink' needs a number (the shrinkage factor), "
+                             "not auto")
+        return self
 
-def random_orthonormal(rows: int, r: int, gen: torch.Generator) -> torch.Tensor:
-    """(rows × r) with orthonormal columns, from a Gaussian via QR (sign-fixed by diag(R) > 0), float64."""
-    q, rr = torch.linalg.qr(torch.randn(rows, r, generator=gen, dtype=torch.float64))
-    d = torch.sign(torch.diagonal(rr))
-    d[d == 0] = 1.0
-    return q * d[None, :]
-
-
-@torch.no_grad()
-def init_tri_factors(am: AdaptedModel, mode: str, seed: int) -> None:
-    """Set every adapted layer's A, B (C stays 0, so ΔW = 0)."""
-    gen = torch_generator("adapter_init", seed, 2)
-    for layer in am.layers.values():
-        k, d = layer.base.weight.shape
-        if mode == "svd":
-            a, b = svd_factors(layer.base.weight, layer.r)
-        elif mode == "random":
-            a = random_orthonormal(d, layer.r, gen).t()
-            b = random_orthonormal(k, layer.r, gen)
-        else:
-            raise ValueError(f"method.celora.ab_init: unknown value '{mode}'")
-        layer.A.copy_(a)
-        layer.B.copy_(b)
-        if layer.C is not None:
-            layer.C.zero_()
+    @property
+    def uses_descriptor(self) -> bool:
+        """Whether clients send a data descriptor (fedavg and shrink weights use no similarity)."""
+        return self.beta > 0 and self.weights not in ("fedavg", "shrink")
 
 
 # ---------------------------------------------------------------- the method
@@ -126,15 +129,25 @@ def flat_c(tensors: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
 
 
 @register
-class CELoRA(Method):
+class CELoRA(SendsDescriptor, UploadCodec, RoundMetrics, Method):
     name = "celora"
+    options = Options
     tri = True
     default_head = "personal"
     server_factors = frozenset()  # C, A, B are all personal; the server sends each client its own C̄
 
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        if cfg.privacy.dp == "central":
+            raise ValueError("privacy.dp: central DP is not supported for celora (personalized C̄); use local")
+        c = cfg.method.celora
+        if cfg.privacy.dp != "none" and c.beta > 0 and c.descriptor_sigma == 0:
+            raise ValueError("privacy.dp is on but CE-LoRA's data descriptor (used when method.celora.beta > 0) "
+                             "would be released without noise: set method.celora.descriptor_sigma > 0 or beta 0")
+
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.opt = cfg.method.celora
+        self.opt: Options
         self.num_labels = 0
         self.dominant: list[int] = []  # each client's most frequent label: for the report's heatmap only
         self.init_c: dict[str, torch.Tensor] = {}
@@ -151,15 +164,14 @@ class CELoRA(Method):
     def upload_factors(self, t: int) -> set[str]:
         return {"C"}
 
-    def setup(self, sim: Run) -> None:
-        init_tri_factors(sim.am, self.opt.ab_init, self.cfg.seed)
-        self.init_c = sim.am.get_state({"C"})
-        self.init_ab = sim.am.get_state({"A", "B"})  # the common basis A0, B0 (c_basis: common)
-        self.run_dir = Path(sim.run_dir)
-        self.num_labels = sim.task.num_labels
-        labels = np.asarray(sim.task.labels, dtype=np.int64)
-        self.dominant = [int(np.bincount(labels[tr], minlength=self.num_labels).argmax()) if len(tr) else -1
-                         for tr, _ in sim.split.clients]
+    def setup(self, ctx: MethodContext) -> None:
+        init_tri_factors(ctx.am, self.opt.ab_init, ctx.seed)
+        self.init_c = ctx.am.get_state({"C"})
+        self.init_ab = ctx.am.get_state({"A", "B"})  # the common basis A0, B0 (c_basis: common)
+        self.run_dir = Path(ctx.run_dir)
+        self.num_labels = ctx.num_labels
+        self.dominant = [int(np.bincount(lab, minlength=self.num_labels).argmax()) if len(lab) else -1
+                         for lab in ctx.client_labels]
 
     # ---- the basis C travels in (client side) ----
     @property
@@ -192,8 +204,7 @@ class CELoRA(Method):
     # ---- the data descriptor: computed on the client, released once, stored by the server ----
     def needs_descriptor(self, server: Server, cid: int) -> bool:
         # weights = fedavg uses no similarity (newcomers too get the plain FedAvg C): nothing to send
-        used = self.opt.beta > 0 and self.opt.weights not in ("fedavg", "shrink")
-        return used and cid not in self.state(server)["descriptors"]
+        return self.opt.uses_descriptor and cid not in self.state(server)["descriptors"]
 
     def client_descriptor(self, am: AdaptedModel, data: Examples, classes: torch.Tensor,
                           cid: int) -> dict[str, torch.Tensor]:
@@ -219,6 +230,12 @@ class CELoRA(Method):
         """Raw bytes sent outside the adapter upload: the descriptor, in the round it was received."""
         r, nbytes = self.charged.get(cid, (0, 0))
         return nbytes if r == t else 0
+
+    @classmethod
+    def descriptor_release(cls, cfg: RunConfig) -> tuple[float, int] | None:
+        """One release per client at noise multiplier descriptor_sigma, whenever beta > 0."""
+        c = cfg.method.celora
+        return (c.descriptor_sigma, 1) if c.beta > 0 else None
 
     def s_data(self, server: Server, ids: list[int]) -> np.ndarray:
         """S^data over `ids` (m, m), from the descriptors received so far; NaN where one is missing."""

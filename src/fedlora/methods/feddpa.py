@@ -16,17 +16,21 @@ not implemented. Uplink and downlink: FedIT's, r (d + k) per adapted matrix.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pydantic import Field
 
-from .base import Method, register
+from .base import Method, MethodContext, MethodOptions, register
 
-if TYPE_CHECKING:
-    from ..run import Run
+
+class Options(MethodOptions):
+    """method.feddpa"""
+
+    local_weight: float = Field(1.0, ge=0)  # the local adapter's weight w in the mixed model at inference
 
 
 @register
 class FedDPA(Method):
     name = "feddpa"
+    options = Options
     batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     dual = True
     default_head = "personal"
@@ -38,6 +42,6 @@ class FedDPA(Method):
     def upload_factors(self, t: int) -> set[str]:
         return {"A", "B"}
 
-    def setup(self, sim: Run) -> None:
-        for layer in sim.am.layers.values():
-            layer.local_weight = self.cfg.method.feddpa.local_weight
+    def setup(self, ctx: MethodContext) -> None:
+        for layer in ctx.am.layers.values():
+            layer.local_weight = self.opt.local_weight

@@ -17,9 +17,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from pydantic import Field
 
 from ..train import LocalHook
-from .base import register
+from .base import MethodOptions, register
+from .capabilities import TrainsWithHook
 from .fedit import FedIT
 
 if TYPE_CHECKING:
@@ -38,11 +40,18 @@ class ProximalTerm(LocalHook):
         return 0.5 * self.mu * sq
 
 
+class Options(MethodOptions):
+    """method.fedprox"""
+
+    mu: float = Field(0.01, ge=0)  # weight of the proximal term μ/2 ‖θ − θ_global‖²
+
+
 @register
-class FedProx(FedIT):
+class FedProx(TrainsWithHook, FedIT):
     name = "fedprox"
+    options = Options
     batchable = False  # its local training has a hook (a loss term / a correction), not plain local_train
 
     def local_hook(self, state: ClientState, t: int) -> LocalHook | None:
         # state.shared holds the server's values as downloaded: the anchor θ^t (never trained in place)
-        return ProximalTerm(self.cfg.method.fedprox.mu, state.shared)
+        return ProximalTerm(self.opt.mu, state.shared)

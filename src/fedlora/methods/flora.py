@@ -32,15 +32,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters import factor_of
-from ..config import ConfigError
 from .base import Method, register, weighted_mean
+from .capabilities import DownloadWire
 
 if TYPE_CHECKING:
+    from ..config import RunConfig
     from ..federation import Server, Upload
 
 
 @register
-class FLoRA(Method):
+class FLoRA(DownloadWire, Method):
     name = "flora"
     batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     mixed_ranks = True
@@ -48,11 +49,11 @@ class FLoRA(Method):
     # A, B: the seeded init, never changed on the server, so every round restarts from it at no cost
     server_factors = frozenset({"A", "B", "W"})
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
         if cfg.privacy.dp == "central":
-            raise ConfigError("privacy.dp: central DP is not supported for flora (it would perturb the LoRA restart "
-                              "point, not the merged update); use local")
+            raise ValueError("privacy.dp: central DP is not supported for flora (it would perturb the LoRA restart "
+                             "point, not the merged update); use local")
 
     def train_factors(self, t: int) -> set[str]:
         return {"A", "B"}

@@ -30,13 +30,14 @@ client learns its new rank from the shape of its next download.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from pydantic import Field
 
 from ..adapters import factor_of
 from ..ranks import leading_download, pad
-from .base import Method, register
+from .base import Method, MethodOptions, register
 
 if TYPE_CHECKING:
     from ..federation import Server, Upload
@@ -52,16 +53,21 @@ def tail_norm(tensors: dict[str, torch.Tensor], cut: int) -> float:
     return math.sqrt(sq)
 
 
+class Options(MethodOptions):
+    """method.hetlora"""
+
+    aggregation: Literal["zero_pad", "sparsity"] = "zero_pad"  # sparsity: weights ∝ ||B_i A_i||_F per layer
+    prune_gamma: float = Field(1.0, gt=0, le=1)  # self-pruning: r_i <- floor(gamma r_i) when the tail shrinks; 1: off
+    min_rank: int = Field(1, gt=0)  # self-pruning never goes below this rank
+
+
 @register
 class HetLoRA(Method):
     name = "hetlora"
+    options = Options
     batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     mixed_ranks = True
     server_factors = frozenset()  # A, B live in server.extra at rank R; each client holds its own rank
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.opt = cfg.method.hetlora
 
     def train_factors(self, t: int) -> set[str]:
         return {"A", "B"}

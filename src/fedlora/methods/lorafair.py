@@ -25,13 +25,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from pydantic import Field
 
 from ..adapters import factor_of
-from .base import register
+from .base import MethodOptions, register
 from .fedit import FedIT
 
 if TYPE_CHECKING:
     from ..federation import Server, Upload
+
+
+class Options(MethodOptions):
+    """method.lorafair"""
+
+    # ridge on the server's correction ΔB, relative to the mean eigenvalue of Ā Āᵀ; 0: plain least squares
+    lam: float = Field(0.01, ge=0)
 
 
 @register
@@ -39,6 +47,7 @@ class LoRAFAIR(FedIT):
     """FedIT's factors, uploads and downloads; only the server's aggregation differs."""
 
     name = "lorafair"
+    options = Options
 
     def aggregate(self, server: Server, t: int, uploads: list[Upload]) -> None:
         super().aggregate(server, t, uploads)  # Ā, B̄ (and the head)
@@ -50,7 +59,7 @@ class LoRAFAIR(FedIT):
             g = a_bar @ a_bar.T  # (r, r)
             target = sum(pi * u.tensors[f"{layer}.B"].double() @ (u.tensors[f"{layer}.A"].double() @ a_bar.T)
                          for pi, u in zip(p.tolist(), uploads, strict=True))  # (k, r): P Āᵀ
-            ridge = self.cfg.method.lorafair.lam * torch.trace(g) / g.shape[0]
+            ridge = self.opt.lam * torch.trace(g) / g.shape[0]
             rhs = target - b_bar.double() @ g  # (k, r): (P − B̄ Ā) Āᵀ
             eye = torch.eye(g.shape[0], dtype=torch.float64)
             delta = torch.linalg.lstsq(g + ridge * eye, rhs.T).solution.T  # (k, r); G symmetric

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..adapters import factor_of
-from .base import Method, register
+from .base import Method, MethodContext, MethodOptions, register
 from .similarity import cosine_matrix, project_simplex
 
 if TYPE_CHECKING:
     from ..federation import Server, Upload
-    from ..run import Run
 
 
 def collaboration_graph(sim: np.ndarray, p: np.ndarray, alpha: float) -> np.ndarray:
@@ -40,9 +40,16 @@ def collaboration_graph(sim: np.ndarray, p: np.ndarray, alpha: float) -> np.ndar
     return project_simplex(p[None, :] + np.asarray(sim, dtype=np.float64) / (2.0 * alpha))
 
 
+class Options(MethodOptions):
+    """method.pfedgraph"""
+
+    alpha: float = Field(0.8, gt=0)  # weight of ‖w_i − p‖² against the similarity term (the paper's α)
+
+
 @register
 class PFedGraph(Method):
     name = "pfedgraph"
+    options = Options
     default_head = "personal"
     server_factors = frozenset()  # A, B are personal; the server sends each client its own θ̄_i
 
@@ -57,8 +64,8 @@ class PFedGraph(Method):
     def upload_factors(self, t: int) -> set[str]:
         return {"A", "B"}
 
-    def setup(self, sim: Run) -> None:
-        self.init = sim.am.get_state({"A", "B"})  # the seeded initial adapter, known to the server too
+    def setup(self, ctx: MethodContext) -> None:
+        self.init = ctx.am.get_state({"A", "B"})  # the seeded initial adapter, known to the server too
 
     @staticmethod
     def state(server: Server) -> dict:
@@ -89,7 +96,7 @@ class PFedGraph(Method):
         x = torch.stack([torch.cat([u.tensors[k].double().flatten() for k in keys]) for u in uploads])  # (m, P)
         x0 = torch.cat([self.init[k].double().flatten() for k in keys]) if self.init else torch.zeros(x.shape[1])
         s = cosine_matrix(x - x0)
-        w = collaboration_graph(s, p, self.cfg.method.pfedgraph.alpha)
+        w = collaboration_graph(s, p, self.opt.alpha)
         wt, pt = torch.from_numpy(w), torch.from_numpy(p)
         for row, i in enumerate(ids):
             st["models"][i] = (t, {k: self._mix(wt[row], uploads, k) for k in keys})

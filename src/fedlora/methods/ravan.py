@@ -26,16 +26,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from pydantic import Field
 
 from ..adapters import factor_of
-from ..config import ConfigError
+from ..adapters.tri_init import init_tri_factors
 from ..train import LocalHook
-from .base import Method, register
-from .celora import init_tri_factors
+from .base import Method, MethodContext, MethodOptions, register
+from .capabilities import TrainsWithHook, UploadCodec
 
 if TYPE_CHECKING:
+    from ..config import RunConfig
     from ..federation import ClientState, Server, Upload
-    from ..run import Run
 
 
 def pack(c: torch.Tensor, heads: int) -> torch.Tensor:
@@ -64,19 +65,29 @@ class BlockDiagonal(LocalHook):
                 p.grad.masked_fill_(self.masks[k], 0.0)
 
 
+class Options(MethodOptions):
+    """method.ravan"""
+
+    heads: int = Field(4, gt=0)  # h: adapter.r is split into h heads of rank r / h
+
+
 @register
-class RAVAN(Method):
+class RAVAN(TrainsWithHook, UploadCodec, Method):
     name = "ravan"
+    options = Options
     tri = True
     server_factors = frozenset({"C"})
     batchable = False  # its local training has a per-step hook
 
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        heads = cfg.method.ravan.heads
+        if cfg.adapter.r % heads:
+            raise ValueError(f"method.ravan.heads: adapter.r {cfg.adapter.r} is not a multiple of {heads} heads")
+
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.heads = cfg.method.ravan.heads
-        if cfg.adapter.r % self.heads:
-            raise ConfigError(f"method.ravan.heads: adapter.r {cfg.adapter.r} is not a multiple of "
-                              f"{self.heads} heads")
+        self.heads = self.opt.heads
 
     def train_factors(self, t: int) -> set[str]:
         return {"C"}
@@ -84,8 +95,8 @@ class RAVAN(Method):
     def upload_factors(self, t: int) -> set[str]:
         return {"C"}
 
-    def setup(self, sim: Run) -> None:
-        init_tri_factors(sim.am, "random", self.cfg.seed)
+    def setup(self, ctx: MethodContext) -> None:
+        init_tri_factors(ctx.am, "random", ctx.seed)
 
     def local_hook(self, state: ClientState, t: int) -> LocalHook | None:
         return BlockDiagonal(self.heads)
@@ -93,10 +104,6 @@ class RAVAN(Method):
     # ---- C travels as its blocks, both ways ----
     def _packed(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: pack(v, self.heads) if factor_of(k) == "C" and v.dim() == 2 else v for k, v in tensors.items()}
-
-    @property
-    def encodes_upload(self) -> bool:
-        return True
 
     def encode_upload(self, tensors: dict[str, torch.Tensor],
                       model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters import factor_of
-from ..train import LocalHook, _lr
+from ..train import LocalHook, factor_lr
 from .base import is_adapter_key, register, weighted_mean
+from .capabilities import KeepsClientState, TrainsWithHook
 from .fedit import FedIT
 
 if TYPE_CHECKING:
+    from ..config import RunConfig
     from ..federation import ClientState, Server, Upload
 
 C, CI, DC = "scaffold/c/", "scaffold/ci/", "scaffold/dc/"  # server variate, client variate, its change
@@ -46,12 +48,12 @@ class DriftCorrection(LocalHook):
 
 
 @register
-class Scaffold(FedIT):
+class Scaffold(TrainsWithHook, KeepsClientState, FedIT):
     name = "scaffold"
     batchable = False  # its local training has a hook (a loss term / a correction), not plain local_train
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
         if cfg.privacy.dp != "none":
             raise ValueError("privacy.dp: scaffold's control variates would be sent without clipping or noise")
 
@@ -79,7 +81,7 @@ class Scaffold(FedIT):
         sent, kept = {}, {}
         for k in self.controlled(state, t):
             c, ci = self.variates(state, k)
-            lr = _lr(factor_of(k), self.cfg.train)
+            lr = factor_lr(factor_of(k), self.cfg.train)
             drift = (state.shared[k] - trained[k]) / (steps * lr) if steps else torch.zeros_like(ci)  # (x − y)/(Kη)
             ci_new = ci - c + drift
             sent[DC + k], kept[CI + k] = ci_new - ci, ci_new

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from ..adapters import AdaptedModel, factor_of
 from ..federation import ClientState, Download, apply_download
 from ..methods import Method
+from ..methods.capabilities import UploadCodec
 from ..seeding import rng, torch_generator
-from ..train import _lr
+from ..train import factor_lr
 
 FULL = "full"  # the full fine-tuning reference "method"
 
@@ -115,7 +116,7 @@ def client_step(am: AdaptedModel, method: Method | None, state: ClientState, dl:
         lrs = dict.fromkeys(train, train_cfg.lr)
     else:
         train = {k: am._params[k] for k in am.keys(method.trainable(t))}
-        lrs = {k: _lr(factor_of(k), train_cfg) for k in train}
+        lrs = {k: factor_lr(factor_of(k), train_cfg) for k in train}
     observed = observed_params(am, method, t)
     start = {k: p.detach().clone() for k, p in observed.items()}
     backup = {k: p.detach().clone() for k, p in train.items()}
@@ -454,7 +455,7 @@ def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size:
     method = None if full else sim.method
     if not full and method_name != sim.method.name:
         raise ValueError(f"attack: the simulation runs method '{sim.method.name}', not '{method_name}'")
-    if not full and sim.method.encodes_upload:
+    if not full and isinstance(sim.method, UploadCodec) and sim.method.encodes_upload:
         raise ValueError(f"attack: method '{method_name}' sends its upload in a basis only the client knows "
                          "(method.celora.c_basis: common); the server cannot replay its step")
     t = sim.server.last_round + 1

@@ -84,6 +84,10 @@ def run_epsilon(cfg, rounds: int) -> float | None:
         return None
     n, k = cfg.partition.num_clients, cfg.federation.clients_per_round
     q = 1.0 if pr.dp == "local" or k is None else min(1.0, k / n)
-    c = cfg.method.celora
-    extra = [(c.descriptor_sigma, 1.0, 1)] if cfg.method.name == "celora" and c.beta > 0 else []
+    from ..methods import get_method
+    from ..methods.capabilities import SendsDescriptor
+
+    method = get_method(cfg.method.name)
+    release = method.descriptor_release(cfg) if issubclass(method, SendsDescriptor) else None
+    extra = [(release[0], 1.0, release[1])] if release is not None else []  # every client, q = 1
     return epsilon(pr.noise_multiplier, q, rounds, pr.delta, extra)

@@ -20,7 +20,8 @@ from ...config import build_config
 from ...driver import RunDriver
 from ...evaluation import combine, measure_global, plan_evaluation, write_samples
 from ...federation import Upload
-from ...methods import Method, get_method
+from ...methods import get_method
+from ...methods.capabilities import DownloadWire
 from ...run import Run
 from ..flower_constants import RUN_CONFIG_DEFAULTS, write_run_key
 from .patches import TRACE, fast_object_pulls
@@ -72,7 +73,7 @@ class FlowerServer:
         if get_method(self.cfg.method.name).pooled:
             raise ValueError(f"method '{self.cfg.method.name}' pools every client's data in one trainer: "
                              f"it has no federated form; run it with `fedlora run`")
-        if get_method(self.cfg.method.name).download_wire is not Method.download_wire:
+        if issubclass(get_method(self.cfg.method.name), DownloadWire):
             raise ValueError(f"method '{self.cfg.method.name}' sends downloads that the client decodes (stacked "
                              f"factors), which this runtime does not do yet; run it with `fedlora run`")
         self.poll = float(rc["poll-interval"])
