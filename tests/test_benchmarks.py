@@ -122,6 +122,13 @@ def test_client_scaling_sweeps_the_rank_and_keeps_the_rank_2_run_names(tmp_path)
     runs = tmp_path / "client_scaling_ranks1-2_quick" / "runs"
     for label, rank in (("fedit-r1-2@s0", 1), ("fedit-2@s0", 2)):  # rank 2 keeps the names of the stored runs
         assert yaml.safe_load((runs / label / "config.yaml").read_text())["adapter"]["r"] == rank
+    # through the sweep engine: the same command reads every run back; another lr is refused in one line
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "client_scaling.py"), "--quick", "--out", str(tmp_path),
+           "--methods", "fedit", "--clients", "2", "--ranks", "1,2", "--rounds", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "2 of 2 runs finished earlier; running 0" in res.stdout, res.stderr[-3000:]
+    res = subprocess.run([*cmd, "--lr", "0.1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "(train.lr)" in res.stderr, res.stderr
 
 
 def test_noniid_ablation_stage_scores_on_test_and_reuses_the_test_stage_runs():
