@@ -127,7 +127,8 @@ def test_write_json_needs_neither_pydantic_nor_numpy(tmp_path):
         (block / name / "__init__.py").write_text(f"raise ImportError('{name}')\n")
     code = ("import sys; sys.modules['torch'] = None\n"  # torch absent as well: its version is recorded as None
             "from fedlora.sweep import write_json; import json, pathlib\n"
-            f"print(json.loads(write_json(pathlib.Path({str(tmp_path / 'o.json')!r}), []).read_text())['meta']['torch'])")
+            f"path = write_json(pathlib.Path({str(tmp_path / 'o.json')!r}), [])\n"
+            "print(json.loads(path.read_text())['meta']['torch'])")
     src = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={"PYTHONPATH": f"{block}:{src}", "PATH": "/usr/bin:/bin"})
