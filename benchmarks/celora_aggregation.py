@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sweep import markdown, write_json
 
 from fedlora.config import build_config
 from fedlora.federation import Server, Upload
 from fedlora.methods.celora import CELoRA
+from fedlora.sweep import markdown, write_json
 
 
 def one_size(m: int, weights: str, repeats: int, layers: int = 12, r: int = 8, hidden: int = 384) -> dict:

@@ -26,9 +26,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, write_json
 
 from fedlora.report import call_text, late_gain_text
+from fedlora.sweep import exit_on_error, markdown, mean_std, run_sweep, save_figure, values, write_json
 
 METHODS = ["fedit", "ffa", "rolora"]
 
@@ -76,18 +76,18 @@ def main() -> None:
             for m in args.methods.split(",")}
     configs = {label: config(args.quick, m, k, total, rounds, args.lr, args.task, r)
                for label, (m, k, r) in arms.items()}
-    results = by_arm(run_arms(with_seeds(list(configs.items()), seeds), Path(args.out) / name,
-                              jobs=1 if args.quick else args.jobs))
+    results = run_sweep(configs.items(), Path(args.out) / name, seeds=seeds, jobs=1 if args.quick else args.jobs,
+                        save_client_states=False).arms
     rows = []
     for label, runs in results.items():
         m, k, rank = arms[label]
         acc = values(runs, "global_accuracy")
+        mean, std = mean_std(acc)
         curves = [[r["global_accuracy"] for r in hist if r.get("global_accuracy") is not None] for _, hist in runs]
         evaluated = [r["round"] for r in runs[0][1] if r.get("global_accuracy") is not None]
         curve = list(zip(evaluated, np.mean(curves, axis=0).tolist(), strict=True))
         rows.append({"method": m, "rank": rank, "series": m if len(ranks) == 1 else f"{m} r{rank}",
-                     "clients": int(k), "global_accuracy": float(np.mean(acc)),
-                     "global_accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
+                     "clients": int(k), "global_accuracy": mean, "global_accuracy_std": std,
                      "seed_values": acc, "local_steps": configs[label]["train"]["local_steps"],
                      "up_mb": runs[0][0]["up_raw"] / 1e6, "down_mb": runs[0][0]["down_raw"] / 1e6,
                      "wall_s": float(np.mean([s["wall_s"] for s, _ in runs])),
@@ -148,4 +148,4 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

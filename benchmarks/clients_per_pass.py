@@ -12,7 +12,6 @@ Only training is timed (no evaluation, no checkpoint): `Simulation.run_round` wi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ def main() -> None:
 
     from fedlora.config import build_config
     from fedlora.runtime.simulation import Simulation
+    from fedlora.sweep import write_json
 
     ks = [int(k) for k in args.ks.split(",")]
     model = {"name": "tiny-bert", "max_length": 16} if args.quick else {"name": "minilm", "max_length": 48}
@@ -71,10 +71,7 @@ def main() -> None:
     base = next((r for r in rows if r["K"] == 1), rows[0])
     for r in rows:
         r["throughput_vs_k1"] = base["round_s"] / r["round_s"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ("clients_per_pass_quick.json" if args.quick else "clients_per_pass.json")).write_text(
-        json.dumps(rows, indent=2))
+    write_json(Path(args.out) / ("clients_per_pass_quick.json" if args.quick else "clients_per_pass.json"), rows)
     print(f"| K | round s | client-steps/s | x K={base['K']} | device |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['K']} | {r['round_s']:.3f} | {r['client_steps_per_s']:.1f} | {r['throughput_vs_k1']:.2f} "

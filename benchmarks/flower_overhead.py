@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from fedlora.sweep import write_json
+
 CLI = [sys.executable, "-m", "fedlora.cli"]
 
 
@@ -142,7 +144,7 @@ def main() -> None:
     }
     result["ratio_rounds"] = result["flower_rounds_s"] / result["inprocess_rounds_s"]
     name = f"flower_overhead_{args.model}_{args.isolation}.json"
-    (out / name).write_text(json.dumps(result, indent=2))
+    write_json(out / name, result)
 
     print(f"\n{args.clients} clients, {args.rounds} rounds, {args.model} on {args.task}, "
           f"{args.local_steps} local steps, "

@@ -22,9 +22,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from sweep import markdown, run_arms, save_figure, values, write_json
 
 from fedlora.report import call_text, late_gain_text
+from fedlora.sweep import exit_on_error, markdown, mean_std, run_sweep, save_figure, values, write_json
 
 METHODS = ["hetlora", "flexlora", "flora", "fedit"]
 TIERS = {2: 0.25, 4: 0.25, 8: 0.25, 16: 0.25}
@@ -83,19 +83,17 @@ def main() -> None:
     clients, rounds = args.clients or (4 if args.quick else 20), args.rounds or (2 if args.quick else 10)
     name = "heterogeneous_ranks" + ("_quick" if args.quick else "")
     methods = args.methods.split(",")
-    # seed-major: a sweep cut short has every method at the same number of seeds
-    arms = [(f"{m}@s{s}", {**config(args.quick, m, s, clients, rounds), "data_seed": 0})
-            for s in range(seeds) for m in methods]
-    results = run_arms(arms, Path(args.out) / name, jobs=1 if args.quick else args.jobs)
-    groups = {m: [results[f"{m}@s{s}"] for s in range(seeds)] for m in methods}
+    # runs `<method>@s<seed>`, seed-major: a sweep cut short has every method at the same number of seeds
+    arms = [(m, {**config(args.quick, m, 0, clients, rounds), "data_seed": 0}) for m in methods]
+    groups = run_sweep(arms, Path(args.out) / name, seeds=seeds, jobs=1 if args.quick else args.jobs,
+                       save_client_states=False).arms
     rows = []
     for m, runs in groups.items():
         row = {"method": m, "ranks": "2 (all)" if m == "fedit" else "2/4/8/16", "seeds": seeds}
         for k in ("global_accuracy", "personal_accuracy"):
             vals = values(runs, k)
             row[f"{k}_seeds"] = vals
-            row[k] = float(np.mean(vals))
-            row[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+            row[k], row[f"{k}_std"] = mean_std(vals)
             row[f"{k}_curve"] = curve(runs, k)
             vs = "–" if m == "fedit" or "fedit" not in groups else call_text(vals, values(groups["fedit"], k))
             row[f"{k.split('_')[0]}_vs_fedit"] = vs  # personal_vs_fedit, global_vs_fedit
@@ -120,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -17,7 +17,6 @@ gives the mean ± sample std of log10 of the final error over them.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 
 from fedlora.config import build_config
 from fedlora.methods import get_method, weighted_mean
+from fedlora.sweep import write_json
 
 METHODS = ("fedit", "ffa", "rolora")
 LRS = (0.01, 0.03, 0.1, 0.3)
@@ -106,7 +106,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "linear_regression_quick" if args.quick else "linear_regression"
-    (out / f"{name}.json").write_text(json.dumps(results))
+    write_json(out / f"{name}.json", results)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,9 +19,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, write_json
 
 from fedlora.report import call_text
+from fedlora.sweep import exit_on_error, markdown, mean_std, run_sweep, save_figure, values, write_json
 
 METHODS = ["fedit", "ffa", "rolora", "celora", "local"]
 CATEGORIES = ["trivia", "emotion", "conversations", "AI", "coding", "psychology", "literature", "computers"]
@@ -57,7 +57,7 @@ def main() -> None:
     name = "llm_personalization" + ("_quick" if args.quick else "")
     seeds = args.seeds or (1 if args.quick else 3)
     arms = [(m, config(args.quick, m, rounds, steps)) for m in args.methods.split(",")]
-    results = by_arm(run_arms(with_seeds(arms, seeds), Path(args.out) / name, jobs=args.jobs))
+    results = run_sweep(arms, Path(args.out) / name, seeds=seeds, jobs=args.jobs, save_client_states=False).arms
     baseline = next((s["baseline"] for runs in results.values() for s, _ in runs if "baseline" in s), {})
     rows = [{"method": "base model (no training)", "personal_perplexity": baseline.get("personal_perplexity"),
              "global_perplexity": baseline.get("global_perplexity"), "up_mb": 0.0}] if baseline else []
@@ -74,7 +74,7 @@ def main() -> None:
         improved = [sum(a < b for a, b in zip(r["client_perplexity"], before, strict=True)) for r, _ in runs] \
             if before else None
         rows.append({"method": label, "personal_perplexity": mean("personal_perplexity"),
-                     "personal_perplexity_std": float(np.std(ppl[label], ddof=1)) if len(ppl[label]) > 1 else None,
+                     "personal_perplexity_std": mean_std(ppl[label])[1],
                      "vs_best": "best" if label == best else call_text(ppl[label], ppl[best]),
                      "global_perplexity": mean("global_perplexity"), "personal_rouge_l": mean("personal_rouge_l"),
                      "global_rouge_l": mean("global_rouge_l"),
@@ -121,4 +121,4 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

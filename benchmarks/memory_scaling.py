@@ -82,10 +82,9 @@ def main() -> None:
     for r in results:
         base = next(x for x in results if x["method"] == r["method"] and x["clients"] == sizes[0])
         r["rss_vs_smallest"] = r["peak_rss_mb"] / base["peak_rss_mb"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "memory_scaling_quick.json" if args.quick else "memory_scaling.json"
-    (out / name).write_text(json.dumps(results, indent=2))
+    from fedlora.sweep import write_json
+
+    write_json(Path(args.out) / ("memory_scaling_quick.json" if args.quick else "memory_scaling.json"), results)
     gpu = "peak_gpu_mb" in results[0]
     print(f"| method | clients | peak RSS MB | x RSS of {sizes[0]} client(s) | wall s | checkpoint KB/round "
           f"| checkpoint s/round | full snapshot KB |{' peak GPU MB |' if gpu else ''}\n"

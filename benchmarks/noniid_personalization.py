@@ -43,9 +43,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, write_json
 
 from fedlora.report import call_text, head_bytes_per_upload, late_gain_text
+from fedlora.sweep import exit_on_error, markdown, mean_std, run_sweep, save_figure, values, write_json
 
 # learning rates per method: A/B factors, the core C, the head (set from --stage tune; see benchmarks/README.md)
 # winners of --stage tune (2026-11-28): FedIT and FFA-LoRA 3e-3 over 1e-3; RoLoRA, FedSA, local-only and
@@ -146,17 +146,18 @@ def last_metric(hist: list[dict], key: str) -> float | None:
     return next((r[key] for r in reversed(hist) if key in r), None)
 
 
-def rows_from(results: dict, alpha: float) -> list[dict]:
-    """One row per arm: means over its seeds (sample std beside the personalized accuracy), curves averaged."""
+def rows_from(results: dict[str, list[tuple[dict, list[dict]]]], alpha: float) -> list[dict]:
+    """One row per arm ({arm: one (summary, rows) per seed}): means over its seeds (sample std beside the
+    personalized accuracy), curves averaged."""
     rows = []
-    for label, runs in by_arm(results).items():
+    for label, runs in results.items():
         s, hist = runs[0]
         acc = values(runs, "personal_accuracy")
+        mean, std = mean_std(acc)
         curves = [[r["personal_accuracy"] for r in h if r.get("personal_accuracy") is not None] for _, h in runs]
         mean_curve = np.mean(curves, axis=0).tolist()
         rows.append({"alpha": alpha, "arm": label, "method": s["method"], "head": s["head"], "seeds": len(runs),
-                     "seed_values": acc, "personal_accuracy": float(np.mean(acc)),
-                     "personal_accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
+                     "seed_values": acc, "personal_accuracy": mean, "personal_accuracy_std": std,
                      "global_accuracy": float(np.mean(values(runs, "global_accuracy"))),
                      "up_adapter_per_client_round": s["up_raw_adapter_per_client_round"],
                      "up_head_per_client_round": head_bytes_per_upload(hist),
@@ -244,8 +245,8 @@ def main() -> None:
                 print(f"--arms: no arm named {', '.join(unknown)} in stage {args.stage}", file=sys.stderr)
                 raise SystemExit(2)
             arms = [(label, c) for label, c in arms if label in wanted]
-        rows += rows_from(run_arms(with_seeds(arms, seeds), out / runs_name / f"alpha{a}",
-                                   jobs=1 if args.quick else args.jobs), a)
+        rows += rows_from(run_sweep(arms, out / runs_name / f"alpha{a}", seeds=seeds,
+                                    jobs=1 if args.quick else args.jobs, save_client_states=False).arms, a)
     # rows of an (alpha, arm) not run this time are kept from the file, if it was written at the same budget
     path = out / f"{name}.json"
     if path.exists():
@@ -283,4 +284,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

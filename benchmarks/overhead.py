@@ -13,7 +13,6 @@ in one sitting, and the ratio wall(a) / wall(b) is reported per method.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from fedlora.config import build_config
 from fedlora.data import BatchStream
 from fedlora.methods import weighted_mean
 from fedlora.runtime.simulation import Simulation
+from fedlora.sweep import write_json
 from fedlora.train import _lr, evaluate
 
 
@@ -112,9 +112,7 @@ def main() -> None:
             ratio = [a / b for a, b in zip(walls["fedlora"], walls["plain"], strict=True)]
             results.append({"method": method, "fedlora_s": walls["fedlora"], "plain_s": walls["plain"],
                             "ratio": ratio, "ratio_median": float(np.median(ratio))})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ("overhead_quick.json" if args.quick else "overhead.json")).write_text(json.dumps(results, indent=2))
+    write_json(Path(args.out) / ("overhead_quick.json" if args.quick else "overhead.json"), results)
     print("| method | fedlora s (each rep) | plain s (each rep) | ratio (each rep) | median ratio |")
     print("|---|---|---|---|---|")
     for r in results:

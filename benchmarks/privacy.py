@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sweep import by_arm, markdown, run_arms, save_figure, values, with_seeds, write_json
 
 from fedlora.config import build_config
 from fedlora.federation import apply_download, client_fit
 from fedlora.privacy.attack import attack_client, mean_ci, ratio_ci, verdict
 from fedlora.privacy.dp import delta_norm
 from fedlora.runtime.simulation import Simulation
+from fedlora.sweep import exit_on_error, markdown, mean_std, run_sweep, save_figure, values, write_json
 
 ATTACKED = ["full", "fedit", "ffa", "rolora", "fedsa", "celora"]
 DP_METHODS = ["fedit", "ffa", "rolora", "celora"]
@@ -142,15 +142,16 @@ def accuracy_vs_epsilon(args, out: Path) -> list[dict]:
             if m == "celora":  # its data descriptor is released once with the same noise multiplier (in epsilon)
                 c["method"]["celora"] = {"descriptor_sigma": s}
             arms.append((f"{m}-sigma{s:g}", c))
-    results = by_arm(run_arms(with_seeds(arms, args.seeds), out / "dp", jobs=1 if args.quick else args.jobs))
+    results = run_sweep(arms, out / "dp", seeds=args.seeds, jobs=1 if args.quick else args.jobs,
+                        save_client_states=False).arms
     rows = []
     for label, runs in results.items():
         m, arm = label.split("-", 1)
         acc = values(runs, "personal_accuracy")
+        mean, std = mean_std(acc)
         rows.append({"method": m, "sigma": None if arm == "nodp" else float(arm.removeprefix("sigma")),
                      "clip": clips[m], "epsilon": runs[0][1][-1].get("epsilon"), "seeds": len(runs),
-                     "personal_accuracy": float(np.mean(acc)),
-                     "personal_accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
+                     "personal_accuracy": mean, "personal_accuracy_std": std,
                      "global_accuracy": float(np.mean(values(runs, "global_accuracy"))),
                      "wall_s": float(np.mean(values(runs, "wall_s")))})
     return rows
@@ -251,4 +252,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -29,6 +29,7 @@ from fedlora.adapters import export_peft, inject_adapters
 from fedlora.compute import resolve_device
 from fedlora.errors import ConfigError
 from fedlora.models import load_causal_lm
+from fedlora.sweep import write_json
 from fedlora.train import evaluate_lm, local_train
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -100,7 +101,7 @@ def main() -> None:
         for bits in ((4, 8) if cuda else (None,)):
             rows.append(run(Path(tmp), bits, device, steps, out))
             print(json.dumps(rows[-1]))
-    (out / "qlora_smoke.json").write_text(json.dumps({"layers": layers, "rows": rows}, indent=2))
+    write_json(out / "qlora_smoke.json", {"layers": layers, "rows": rows})
     print("| quantization | base layer | device | load s | steps/s | loss before -> after | model MiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from fedlora.adapters import AdaptedModel, inject_adapters
 from fedlora.compute import native_bf16_cpu
+from fedlora.sweep import write_json
 from fedlora.train import evaluate, evaluate_lm, local_train, local_train_stacked
 
 # all-MiniLM-L6-v2 and SmolLM2-135M, as their config.json say (used when the packaged folders are absent)
@@ -231,8 +231,8 @@ def main() -> None:
                 rows += bench_model(model, these, "quick" if args.quick else device, args.quick, repeats, args.steps,
                                     args.clients)
                 # written after every group: a run stopped by its time limit keeps what it measured
-                path.write_text(json.dumps({"rows": rows, "skipped": skipped, "torch": torch.__version__,
-                                            "cpu_native_bf16": native_bf16_cpu(), "threads": args.threads}, indent=2))
+                write_json(path, {"rows": rows, "skipped": skipped, "torch": torch.__version__,
+                                  "cpu_native_bf16": native_bf16_cpu(), "threads": args.threads})
     print("| model | arm | batch × len | clients × steps | round s | steps/s | vs fp32 | vs K=1 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -39,6 +39,7 @@ def test_benchmark_quick(tmp_path, script, args, out):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((tmp_path / out).read_text())
     assert rows and res.stdout.strip().splitlines()[-1].startswith("|")
+    assert rows["meta"]["command"].endswith(" ".join(args)) and rows["meta"]["torch"] == torch.__version__
 
 
 def test_gpu_check_cpu_fallback_runs_on_torch_transformers_peft_alone(tmp_path):
@@ -121,6 +122,13 @@ def test_client_scaling_sweeps_the_rank_and_keeps_the_rank_2_run_names(tmp_path)
     runs = tmp_path / "client_scaling_ranks1-2_quick" / "runs"
     for label, rank in (("fedit-r1-2@s0", 1), ("fedit-2@s0", 2)):  # rank 2 keeps the names of the stored runs
         assert yaml.safe_load((runs / label / "config.yaml").read_text())["adapter"]["r"] == rank
+    # through the sweep engine: the same command reads every run back; another lr is refused in one line
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "client_scaling.py"), "--quick", "--out", str(tmp_path),
+           "--methods", "fedit", "--clients", "2", "--ranks", "1,2", "--rounds", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "2 of 2 runs finished earlier; running 0" in res.stdout, res.stderr[-3000:]
+    res = subprocess.run([*cmd, "--lr", "0.1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "(train.lr)" in res.stderr, res.stderr
 
 
 def test_noniid_ablation_stage_scores_on_test_and_reuses_the_test_stage_runs():
@@ -150,27 +158,13 @@ def test_noniid_ablation_stage_scores_on_test_and_reuses_the_test_stage_runs():
     assert (cfg.precision, cfg.eval.every, cfg.federation.rounds, cfg.train.local_steps) == ("bf16", 2, 16, 10)
 
 
-def test_sweep_runs_seed_major_so_a_cut_sweep_leaves_every_arm_at_the_same_seeds():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import sweep
-    finally:
-        sys.path.pop(0)
-    arms = sweep.with_seeds([("a", {"seed": 0}), ("b", {"seed": 0, "data_seed": 7})], 2)
-    assert [label for label, _ in arms] == ["a@s0", "b@s0", "a@s1", "b@s1"]
-    cfg = dict(arms)
-    assert (cfg["b@s1"]["seed"], cfg["b@s1"]["data_seed"], cfg["a@s1"]["data_seed"]) == (1, 7, 0)
-
-
 SWEEP_DRIVER = """
-import sys
-sys.path.insert(0, {bench!r})
-from sweep import run_arms
+from fedlora.sweep import run_sweep
 cfg = {{"model": {{"name": "tiny-bert", "max_length": 16}}, "task": {{"name": "synthetic"}},
        "partition": {{"num_clients": 2}}, "federation": {{"rounds": 500}}, "train": {{"local_steps": 2}},
        "eval": {{"every": 1000}}}}
 if __name__ == "__main__":
-    run_arms([("a", {{**cfg, "seed": 0}}), ("b", {{**cfg, "seed": 1}})], __import__("pathlib").Path({out!r}), jobs=2)
+    run_sweep([("a", {{**cfg, "seed": 0}}), ("b", {{**cfg, "seed": 1}})], __import__("pathlib").Path({out!r}), jobs=2)
 """
 
 
@@ -179,8 +173,10 @@ def test_sweep_sigterm_stops_its_workers(tmp_path):
     import time
 
     driver = tmp_path / "driver.py"
-    driver.write_text(SWEEP_DRIVER.format(bench=str(ROOT / "benchmarks"), out=str(tmp_path / "sweep")))
-    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver.write_text(SWEEP_DRIVER.format(out=str(tmp_path / "sweep")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
 
     def children() -> set[int]:
         out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
@@ -189,7 +185,7 @@ def test_sweep_sigterm_stops_its_workers(tmp_path):
     workers: set[int] = set()
     try:
         deadline = time.time() + 120
-        while not all((tmp_path / "sweep" / "runs" / arm / "metrics.jsonl").exists() for arm in "ab"):
+        while not all((tmp_path / "sweep" / "runs" / f"{arm}@s0" / "metrics.jsonl").exists() for arm in "ab"):
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
             time.sleep(0.5)
         workers = children()
@@ -211,11 +207,8 @@ def test_sweep_sigterm_stops_its_workers(tmp_path):
 def test_sweep_refuses_an_arm_whose_run_folder_another_process_holds(tmp_path):
     import fcntl
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import sweep
-    finally:
-        sys.path.pop(0)
+    from fedlora import sweep
+
     run_dir = tmp_path / "runs" / "a"
     run_dir.mkdir(parents=True)
     cfg = {"model": {"name": "tiny-bert", "max_length": 16}, "task": {"name": "synthetic"},
@@ -223,16 +216,12 @@ def test_sweep_refuses_an_arm_whose_run_folder_another_process_holds(tmp_path):
     with open(run_dir / ".lock", "w") as held:  # as a running sweep holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(sweep.ArmBusy, match="another process is running this arm"):
-            sweep._run_one(("a", cfg, str(run_dir)))
+            sweep.run_job(("a", cfg, str(run_dir), False))
     assert not (run_dir / "metrics.jsonl").exists()  # nothing written beside the holder
 
 
 def test_sweep_gives_a_finished_arm_more_rounds_as_a_fresh_run_at_that_budget(tmp_path, capsys, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import sweep
-    finally:
-        sys.path.pop(0)
+    from fedlora.sweep import ConfigChanged, run_sweep
 
     def arm(rounds: int) -> list[tuple[str, dict]]:
         return [("a", {"model": {"name": "tiny-bert", "max_length": 16}, "task": {"name": "synthetic"},
@@ -240,19 +229,18 @@ def test_sweep_gives_a_finished_arm_more_rounds_as_a_fresh_run_at_that_budget(tm
                        "partition": {"num_clients": 3, "scheme": "dirichlet", "alpha": 0.5},
                        "federation": {"rounds": rounds}, "train": {"local_steps": 2}, "eval": {"every": 2}})]
 
-    def rows(result: dict) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "wall_s"} for r in result["a"][1]]
+    def rows(result) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in result.arms["a"][0][1]]
 
     extended, fresh = tmp_path / "extended", tmp_path / "fresh"
-    sweep.run_arms(arm(2), extended)
+    run_sweep(arm(2), extended)
     capsys.readouterr()
-    longer = sweep.run_arms(arm(3), extended)
+    longer = run_sweep(arm(3), extended)
     assert "running 1" in capsys.readouterr().out  # the finished 2-round arm was continued, not read back
-    assert rows(longer) == rows(sweep.run_arms(arm(3), fresh)) and len(rows(longer)) == 3
-    assert longer["a"][0]["up_raw"] == json.loads((fresh / "runs/a/summary.json").read_text())["up_raw"]
-    with pytest.raises(SystemExit) as e:  # a shorter budget is never read from a longer run
-        sweep.run_arms(arm(2), extended)
-    assert e.value.code == 2 and "federation.rounds" in capsys.readouterr().err
+    assert rows(longer) == rows(run_sweep(arm(3), fresh)) and len(rows(longer)) == 3
+    assert longer.arms["a"][0][0]["up_raw"] == json.loads((fresh / "runs/a@s0/summary.json").read_text())["up_raw"]
+    with pytest.raises(ConfigChanged, match="federation.rounds"):  # a shorter budget is never read from a longer run
+        run_sweep(arm(2), extended)
 
     # stopped while being extended: the shorter run's summary must not pass for the longer run's
     from fedlora.runtime.simulation import Simulation
@@ -266,6 +254,6 @@ def test_sweep_gives_a_finished_arm_more_rounds_as_a_fresh_run_at_that_budget(tm
 
     monkeypatch.setattr(Simulation, "run_round", stop_in_round_4)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_arms(arm(4), extended)
+        run_sweep(arm(4), extended)
     monkeypatch.setattr(Simulation, "run_round", run_round)
-    assert len(rows(sweep.run_arms(arm(4), extended))) == 4
+    assert len(rows(run_sweep(arm(4), extended))) == 4

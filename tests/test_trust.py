@@ -186,28 +186,24 @@ def test_compare_one_head_policy_and_config_checked_reuse(tmp_path):
 
 
 def test_benchmark_sweep_reuses_a_run_only_under_the_same_config(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from sweep import run_arms
+    from fedlora.sweep import ConfigChanged, run_sweep
 
     cfg = tiny_config(tmp_path, federation={"rounds": 1})
-    run_arms([("a", cfg)], tmp_path / "sweep")
-    summary = tmp_path / "sweep" / "runs" / "a" / "summary.json"
+    run_sweep([("a", cfg)], tmp_path / "sweep")
+    summary = tmp_path / "sweep" / "runs" / "a@s0" / "summary.json"
     first = summary.stat().st_mtime_ns
-    run_arms([("a", cfg)], tmp_path / "sweep")  # the same config: read back, not rerun
+    run_sweep([("a", cfg)], tmp_path / "sweep")  # the same config: read back, not rerun
     assert summary.stat().st_mtime_ns == first
     # a field added to the schema after the run was stored, at its default: still the same config
     saved_path = summary.parent / "config.yaml"
     saved = yaml.safe_load(saved_path.read_text())
     del saved["method"]["celora"]["c_basis"]
     saved_path.write_text(yaml.safe_dump(saved))
-    run_arms([("a", cfg)], tmp_path / "sweep")
+    run_sweep([("a", cfg)], tmp_path / "sweep")
     assert summary.stat().st_mtime_ns == first
-    with pytest.raises(SystemExit) as e:  # another learning rate: refused, the stored run kept
-        run_arms([("a", {**cfg, "train": {**cfg["train"], "lr": 0.5}})], tmp_path / "sweep")
-    assert e.value.code == 2 and summary.stat().st_mtime_ns == first
+    with pytest.raises(ConfigChanged, match="train.lr"):  # another learning rate: refused, the stored run kept
+        run_sweep([("a", {**cfg, "train": {**cfg["train"], "lr": 0.5}})], tmp_path / "sweep")
+    assert summary.stat().st_mtime_ns == first
 
 
 def test_resume_refuses_a_change_of_what_metrics_mean(tmp_path):

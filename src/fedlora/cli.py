@@ -99,15 +99,11 @@ def summary_table(rows: list[dict], title: str = "results") -> Table:
     return table
 
 
-# fields that may change between a run and its resumption: none of them changes what a metric means
-# (eval.split, the evaluation caps or the seeds do, so they are refused)
-RESUMABLE_CHANGES = ("federation.rounds", "eval.every", "output.", "name", "threads")
-
-
 def check_resumable(cfg, run_dir: Path) -> None:
-    from .rundir import config_differences
+    """The sweep engine's rule for a changed config (fedlora.sweep): only what changes no result may differ."""
+    from .sweep import refused_changes
 
-    changed = config_differences(cfg, run_dir, RESUMABLE_CHANGES)
+    changed = refused_changes(cfg, run_dir)
     if changed is None:
         fail(f"--resume: not a run directory (no config.yaml): {run_dir}")
     if changed:
@@ -191,13 +187,13 @@ def compare(config: Path = typer.Argument(..., help="base YAML config"),
     """Run the same task, partition and budget for each method and seed; write report.md and plots.
 
     Fair by construction: one head policy for all, the data split fixed across seeds (`data_seed`),
-    centralized given the federation's total steps, and a stored run reused only if its config is the same."""
-    import shutil
+    centralized given the federation's total steps, and a stored run reused or continued only under the
+    sweep engine's rule (fedlora.sweep: only what changes no result may differ)."""
+    import yaml
 
-    from .checkpoint import has_checkpoint
     from .config import load_config
     from .report import write_report
-    from .rundir import config_differences
+    from .sweep import Arm, run_sweep
 
     _quiet_libraries()
     if head not in ("shared", "personal"):
@@ -205,26 +201,12 @@ def compare(config: Path = typer.Argument(..., help="base YAML config"),
     base = _guard(load_config, config, set_)
     out = out or Path("compare") / base.name
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    run_dirs = []
-    for m in names:
-        for seed in range(seeds):
-            cfg = _guard(load_config, config, [*set_, f"method.name={m}", f"method.head={head}", f"seed={seed}",
-                                               f"data_seed={base.split_seed}", f"name={m}-s{seed}"])
-            run_dir = out / "runs" / cfg.name
-            run_dirs.append(run_dir)
-            changed = config_differences(cfg, run_dir, ("output.",))
-            if changed:
-                if not overwrite:
-                    fail(f"{run_dir}: stored run has a different config ({', '.join(changed[:5])}); "
-                         "use --overwrite to rerun it or another --out")
-                shutil.rmtree(run_dir)
-            if (run_dir / "summary.json").is_file():
-                console.print(f"{cfg.name}: finished earlier, skipped")
-                continue
-            console.print(f"[{len(run_dirs)}/{len(names) * seeds}]", end=" ")
-            _guard(run_with_progress, cfg, run_dir, has_checkpoint(run_dir))
-    report = write_report(run_dirs, out, f"{base.name}: {base.task.name}, {base.partition.num_clients} clients, "
-                                          f"{base.partition.scheme}", head=head)
+    arms = [Arm(m, [*set_, f"method.name={m}", f"method.head={head}"]) for m in names]
+    result = _guard(run_sweep, arms, out, base=yaml.safe_load(config.read_text()) or {}, seeds=seeds,
+                    label="{arm}-s{seed}", overwrite=overwrite, hint="use --overwrite to rerun it or another --out",
+                    runner=run_with_progress, log=lambda line: console.print(line, markup=False, highlight=False))
+    report = write_report(result.run_dirs, out, f"{base.name}: {base.task.name}, {base.partition.num_clients} "
+                                                f"clients, {base.partition.scheme}", head=head)
     console.print(report.read_text().split("\n\n")[2])
     console.print(f"report: {report}")
 
