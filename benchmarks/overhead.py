@@ -26,7 +26,7 @@ from fedlora.data import BatchStream
 from fedlora.methods import weighted_mean
 from fedlora.runtime.simulation import Simulation
 from fedlora.sweep import write_json
-from fedlora.train import _lr, evaluate
+from fedlora.train import evaluate, factor_lr
 
 
 def config(quick: bool, method: str, out: str) -> dict:
@@ -62,7 +62,7 @@ def plain_loop(sim: Simulation) -> None:
             for f in sorted(trainable):
                 ps = [p for k, p in params.items() if factor_of(k) == f]
                 if ps:
-                    groups.append({"params": ps, "lr": _lr(f, cfg.train)})
+                    groups.append({"params": ps, "lr": factor_lr(f, cfg.train)})
             for p in params.values():
                 p.requires_grad_(False)
             train_params = [p for g in groups for p in g["params"]]

@@ -93,14 +93,14 @@ class Run:
         labels, e = np.asarray(self.task.labels), cfg.eval
         if e.split == "validation" and self.files:  # the clients' own validation; the server's test set stays
             held = self.split.validation
-            pooled = self.split.global_test
+            global_pool = self.split.global_test
         elif e.split == "validation":  # tuning: the test splits are never touched
             held = self.split.validation
-            pooled = np.concatenate(held)  # the clients' validation sets pooled, then sampled
+            global_pool = np.concatenate(held)  # the clients' validation sets pooled, then sampled
         else:
             held = [te for _, te in self.split.clients]
-            pooled = self.split.global_test
-        g_idx = stratified_sample(pooled, labels, e.max_global_examples, rng("eval_sample", data_seed, 0))
+            global_pool = self.split.global_test
+        g_idx = stratified_sample(global_pool, labels, e.max_global_examples, rng("eval_sample", data_seed, 0))
         c_idx = [stratified_sample(h, labels, e.max_client_examples, rng("eval_sample", data_seed, 1, cid))
                  for cid, h in enumerate(held)]
         self.global_test = everything.subset(g_idx)

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, TaskConfig
+from ..errors import ConfigError
 from ..seeding import rng
 from .loader import Examples
-from .partition import Split
+from .partition import Split, split_task
 from .source import load_task_source
-from .tasks import Task
+from .tasks import Task, load_task
 
 FILE_TASKS = ("csv", "jsonl", "file", "instructions")
 
@@ -135,3 +136,36 @@ def no_examples(causal: bool) -> Examples:
     z = torch.zeros(0, 1, dtype=torch.long)
     return Examples(z, z.clone(), torch.zeros((0, 1) if causal else (0,), dtype=torch.long),
                     torch.zeros(0, dtype=torch.long) if causal else None)
+
+
+def write_silo_files(cfg: RunConfig, out: Path) -> Path:
+    """Each client's partition of a shared task as its own CSV (`client_i.csv`: text, label), and `run.yaml`:
+    the config on those files (`partition.scheme: files`), for a rehearsal of a deployment on loopback."""
+    import pandas as pd
+    import yaml
+
+
+    t = cfg.task
+    if t.name == "instructions" or (t.name not in ("csv", "jsonl", "file") and t.path):
+        raise ConfigError("fedlora flower silos: splits a classification task; instruction files are one silo each "
+                          "already")
+    task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
+                     max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed,
+                     keep_labels=t.keep_labels)
+    split = split_task(task, cfg.partition, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for cid, (train, test) in enumerate(split.clients):
+        rows = sorted([*train.tolist(), *test.tolist()])
+        path = (out / f"client_{cid}.csv").resolve()
+        pd.DataFrame({"text": [task.texts[i] for i in rows],
+                      "label": [task.label_names[task.labels[i]] for i in rows]}).to_csv(path, index=False)
+        files.append(str(path))
+    data = cfg.model_dump(mode="json")
+    data["task"] = {"name": "csv", "text_column": "text", "label_column": "label", "labels": task.label_names}
+    data["partition"] = {**data["partition"], "scheme": "files", "files": files}
+    k = data["federation"].get("clients_per_round")
+    if k is not None and k > len(files):
+        data["federation"]["clients_per_round"] = None
+    (out / "run.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return out / "run.yaml"

@@ -21,7 +21,6 @@ process per message.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 import typer
 
 from .flower_constants import DEFAULT_STATE_DIR, RUN_META, SUPERLINK_NAME, read_run_key
+from .flower_credentials import make_certificates, make_node_keys
 
 flower_app = typer.Typer(add_completion=False, no_args_is_help=True,
                          help="Run on Flower's Deployment Engine (SuperLink + SuperNodes, several machines).")
@@ -99,51 +99,6 @@ def _is_local(address: str) -> bool:
 # ---------------------------------------------------------------- certificates
 
 
-def make_certificates(out: Path, hosts: list[str], days: int = 30) -> dict[str, Path]:
-    """A throw-away CA (`ca.crt`) and a server certificate for `hosts` signed by it (`server.pem`, `server.key`)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora throw-away CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    names = []
-    for h in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            names.append(x509.DNSName(h))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
-    paths["ca"].write_bytes(ca.public_bytes(pem))
-    paths["cert"].write_bytes(cert.public_bytes(pem))
-    paths["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    paths["key"].chmod(0o600)
-    return paths
-
-
 @flower_app.command()
 def certificates(out: Path = typer.Argument(..., help="folder for ca.crt, server.pem, server.key"),
                  host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host",
@@ -158,69 +113,23 @@ def certificates(out: Path = typer.Argument(..., help="folder for ca.crt, server
 # ---------------------------------------------------------------- silo files (rehearsals)
 
 
-def write_silo_files(cfg, out: Path) -> Path:
-    """Each client's partition of a shared task as its own CSV (`client_i.csv`: text, label), and `run.yaml`:
-    the config on those files (`partition.scheme: files`), for a rehearsal of a deployment on loopback."""
-    import pandas as pd
-    import yaml
-
-    from ..data import load_task, split_task
-
-    t = cfg.task
-    if t.name == "instructions" or (t.name not in ("csv", "jsonl", "file") and t.path):
-        _fail("fedlora flower silos: splits a classification task; instruction files are one silo each already")
-    task = load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
-                     max_examples=t.max_examples, max_per_class=t.max_per_class, seed=cfg.seed,
-                     keep_labels=t.keep_labels)
-    split = split_task(task, cfg.partition, cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for cid, (train, test) in enumerate(split.clients):
-        rows = sorted([*train.tolist(), *test.tolist()])
-        path = (out / f"client_{cid}.csv").resolve()
-        pd.DataFrame({"text": [task.texts[i] for i in rows],
-                      "label": [task.label_names[task.labels[i]] for i in rows]}).to_csv(path, index=False)
-        files.append(str(path))
-    data = cfg.model_dump(mode="json")
-    data["task"] = {"name": "csv", "text_column": "text", "label_column": "label", "labels": task.label_names}
-    data["partition"] = {**data["partition"], "scheme": "files", "files": files}
-    k = data["federation"].get("clients_per_round")
-    if k is not None and k > len(files):
-        data["federation"]["clients_per_round"] = None
-    (out / "run.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return out / "run.yaml"
-
-
 @flower_app.command()
 def silos(config: Path = typer.Argument(..., help="YAML config with a shared task and a partition"),
           out: Path = typer.Option(..., "--out", help="folder for client_i.csv and run.yaml"),
           set_: list[str] = typer.Option([], "--set", help="override, e.g. --set partition.num_clients=3")) -> None:
     """Write each client's partition as its own file, and the config that runs on them (a rehearsal)."""
-    path = write_silo_files(_load(config, set_), out)
+    from ..data.silo import write_silo_files
+    from ..errors import ConfigError
+
+    try:
+        path = write_silo_files(_load(config, set_), out)
+    except ConfigError as e:
+        _fail(str(e))
     typer.echo(f"wrote {path} and the clients' files in {out}: give client_i.csv to SuperNode i (--data); "
                f"`fedlora run {path}` is the same run in one process")
 
 
 # ---------------------------------------------------------------- node keys
-
-
-def make_node_keys(out: Path, names: list[str]) -> dict[str, tuple[Path, Path]]:
-    """An EC P-384 key pair per SuperNode, in OpenSSH format (what Flower's node authentication reads)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name in names:
-        key = ec.generate_private_key(ec.SECP384R1())
-        private, public = out / name, out / f"{name}.pub"
-        private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption()))
-        private.chmod(0o600)
-        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                         serialization.PublicFormat.OpenSSH) + b"\n")
-        paths[name] = (private, public)
-    return paths
 
 
 @flower_app.command()

@@ -87,6 +87,7 @@ class Simulation(Run):
         k = self.cfg.train.clients_per_pass
         if k == "auto":
             k = auto_clients_per_pass(self.am.model, self.cfg)
+        k = min(k, len(self.train_sets))  # a pass holds at most every trainer (one, for the centralized reference)
         # fp16: one loss scale (and one skipped step on overflow) would be shared by the pass's clients
         if k > 1 and (not self.method.batchable or not head_is_stackable(self.am)
                       or self.am.precision == "fp16"):
