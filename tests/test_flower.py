@@ -179,10 +179,11 @@ def test_flower_run_equals_in_process(federation, tmp_path, method, wire):
 
 
 def test_flower_columns_equal_in_process_with_user_metrics_and_validation(federation, tmp_path):
-    """One evaluation for both runtimes: the user's metric (eval.metrics) and the validation columns reach the
-    Flower run's rows, which equal `fedlora run`'s column for column, and the best round is chosen on validation."""
+    """One evaluation and one driver for both runtimes: the user's metric (eval.metrics) and the validation columns
+    reach the Flower run's rows, which equal `fedlora run`'s column for column; the best round is chosen on
+    validation; the baseline (eval.baseline) is measured the same way."""
     cfg = config(tmp_path, "fedsa")
-    cfg["eval"] = {**cfg["eval"], "metrics": ["sklearn.metrics:balanced_accuracy_score"]}
+    cfg["eval"] = {**cfg["eval"], "metrics": ["sklearn.metrics:balanced_accuracy_score"], "baseline": True}
     cfg["partition"] = {**cfg["partition"], "client_val_fraction": 0.2}
     flower_dir = federation.run(cfg, tmp_path / "flower")
     sim_dir = simulate(cfg, tmp_path / "sim")
@@ -195,6 +196,8 @@ def test_flower_columns_equal_in_process_with_user_metrics_and_validation(federa
     flower, sim = (json.loads((d / "summary.json").read_text()) for d in (flower_dir, sim_dir))
     assert flower["best_round"] is not None and flower["best_round"] == sim["best_round"]
     assert flower["best"] == sim["best"]
+    # the one driver writes the base model's metrics before round 1 under both runtimes
+    assert flower["baseline"] == sim["baseline"] and "val_personal_accuracy" in sim["baseline"]
 
 
 def test_restarted_supernode_resumes_from_disk(federation, tmp_path):
