@@ -7,10 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("mkdocs", reason="mkdocs is not installed (the dev extra has it)")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
