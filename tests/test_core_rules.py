@@ -4,15 +4,13 @@ and central DP's noise on the aggregate."""
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 import torch
 from conftest import make_sim
-from torch import nn
+from test_fedopt import FixedData, NoStream, Quadratic
 
-from fedlora.adapters import AdaptedModel, LowRankLinear
+from fedlora.adapters import AdaptedModel
 from fedlora.config import build_config
 from fedlora.data import stratified_sample
 from fedlora.federation import Server, Upload, client_fit
@@ -136,37 +134,6 @@ def test_central_dp_adds_noise_of_std_sigma_clip_max_p_to_the_aggregate():
 # ---------------------------------------------------------------- SCAFFOLD under partial participation
 
 
-class Quadratic(nn.Module):
-    """F_i(A, B) = ½ a_i (‖A − tA_i‖² + ‖B − tB_i‖²) on the factors of one adapted linear; no data used."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = LowRankLinear(nn.Linear(3, 2, bias=False), 2, alpha=2)
-
-    def forward(self, a, ta, tb):
-        loss = 0.5 * a * ((self.lin.A - ta).pow(2).sum() + (self.lin.B - tb).pow(2).sum())
-        return types.SimpleNamespace(loss=loss)
-
-
-class FixedBatch:
-    def __init__(self, n, batch):
-        self.n, self._batch = n, batch
-
-    def __len__(self):
-        return self.n
-
-    def batch(self, rows):
-        return self._batch
-
-
-class NoStream:
-    def __init__(self, cid):
-        self.seed, self.stream_id = 0, cid
-
-    def next_rows(self):
-        return None
-
-
 def test_scaffold_with_partial_participation_matches_the_reference():
     """c ← c + (|S|/N) Σ_{i∈S} p_i Δc_i with p_i over the round's sample S; clients outside S keep their c_i."""
     a, n, steps, lr, rounds, k = [1.0, 4.0, 0.5, 2.0], [30, 10, 20, 15], 3, 0.1, 6, 2
@@ -181,7 +148,7 @@ def test_scaffold_with_partial_participation_matches_the_reference():
     init = am.get_state()
     server = Server(method, init, cfg.federation, len(a))
     states = {i: server.initial_client_state(init) for i in range(len(a))}
-    data = [FixedBatch(n[i], {"a": a[i], "ta": targets[i][0], "tb": targets[i][1]}) for i in range(len(a))]
+    data = [FixedData(n[i], {"a": a[i], "ta": targets[i][0], "tb": targets[i][1]}) for i in range(len(a))]
     samples = []
     for t in range(1, rounds + 1):
         downloads = {i: server.download(i, t) for i in server.sample()}
