@@ -1,4 +1,4 @@
-"""`fedlora` command line: run, tasks, export, demo."""
+"""`fedlora` command line: run, simulate, tasks, export, demo."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .runtime.flower_cli import flower_app
+from .runtime.flower_simulation import simulate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with LoRA-family adapters.")
 console = Console()
 STATE = {"debug": False}
 app.add_typer(flower_app, name="flower")
+app.command()(simulate)  # Flower's Simulation Engine (Ray): runtime/flower_simulation.py
 
 
 def fail(msg: str) -> None:

@@ -25,12 +25,22 @@ RUN_CONFIG_DEFAULTS = {
 }
 
 
-def write_run_key(run_dir: Path, run_key: str) -> None:
-    """flower_run.json: what `--resume RUN_DIR` needs to find the clients' state again."""
+def write_run_meta(run_dir: Path, meta: dict) -> None:
+    """flower_run.json: what `--resume RUN_DIR` needs to find the clients' state again (the run key; under
+    `fedlora simulate`, the state directory too). Keys already there are kept unless `meta` sets them."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_META).write_text(json.dumps({"run-key": run_key}))
+    (run_dir / RUN_META).write_text(json.dumps({**(read_run_meta(run_dir) or {}), **meta}))
+
+
+def read_run_meta(run_dir: Path) -> dict | None:
+    path = run_dir / RUN_META
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_run_key(run_dir: Path, run_key: str) -> None:
+    write_run_meta(run_dir, {"run-key": run_key})
 
 
 def read_run_key(run_dir: Path) -> str | None:
-    path = run_dir / RUN_META
-    return json.loads(path.read_text())["run-key"] if path.is_file() else None
+    meta = read_run_meta(run_dir)
+    return None if meta is None else meta["run-key"]

@@ -61,10 +61,13 @@ def node_config(cfg_text: str, context: Context) -> RunConfig:
 
 def environment(cfg_text: str, context: Context, cid: int, labels: list[str] | None) -> Run:
     """The run built as the simulation builds it, once per process, config and label space (cached):
-    from this node's own file (`--data`), or every node's partition of the shared task (experiments)."""
+    from this node's own file (`--data`), or every node's partition of the shared task (experiments).
+    A run of the shared task holds every client's partition, so one process serving many clients (a Ray
+    actor of the Simulation Engine) builds it once for all of them."""
     silo = node_silo(context)
-    key = config_hash(json.dumps([cfg_text, cid, labels, silo and [silo.data, silo.test],
-                                  {k: str(v) for k, v in context.node_config.items()}]))
+    node = {k: str(v) for k, v in context.node_config.items() if silo is not None or k != "partition-id"}
+    key = config_hash(json.dumps([cfg_text, cid if silo is not None else None, labels,
+                                  silo and [silo.data, silo.test], node]))
     with _ENV_LOCK:
         if key not in _ENV:
             _ENV.clear()

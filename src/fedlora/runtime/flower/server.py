@@ -51,6 +51,16 @@ class _Send:
         self.attempts, self.resyncs, self.node, self.msg_id, self.waiting_since = 0, 0, None, None, None
 
 
+def check_flower_method(cfg) -> None:
+    """ValueError for a method that the Flower runtimes cannot run."""
+    if get_method(cfg.method.name).pooled:
+        raise ValueError(f"method '{cfg.method.name}' pools every client's data in one trainer: "
+                         f"it has no federated form; run it with `fedlora run`")
+    if issubclass(get_method(cfg.method.name), DownloadWire):
+        raise ValueError(f"method '{cfg.method.name}' sends downloads that the client decodes (stacked "
+                         f"factors), which this runtime does not do yet; run it with `fedlora run`")
+
+
 class FlowerServer:
     """The ServerApp's loop: the simulation's rounds, with Flower messages as the transport."""
 
@@ -70,12 +80,7 @@ class FlowerServer:
         self.sim: Run | None = None  # built once the nodes have said which labels they hold
         self.labels: list[str] | None = None
         self.node_labels: dict[int, list[str]] = {}
-        if get_method(self.cfg.method.name).pooled:
-            raise ValueError(f"method '{self.cfg.method.name}' pools every client's data in one trainer: "
-                             f"it has no federated form; run it with `fedlora run`")
-        if issubclass(get_method(self.cfg.method.name), DownloadWire):
-            raise ValueError(f"method '{self.cfg.method.name}' sends downloads that the client decodes (stacked "
-                             f"factors), which this runtime does not do yet; run it with `fedlora run`")
+        check_flower_method(self.cfg)
         self.poll = float(rc["poll-interval"])
         self.wire = str(rc["wire"])
         if self.wire not in ("packed", "arrays"):
