@@ -3,6 +3,7 @@
 # transformers and peft; none of fedlora's other dependencies, none of the packaged model files):
 #   1. benchmarks/throughput.py: steps/s and round time, {cpu, cuda} x {fp32, bf16}, MiniLM and SmolLM2 shapes;
 #   2. benchmarks/qlora_smoke.py: SmolLM2-135M shape, 4-bit NF4 and 8-bit bases, fp32 LoRA on top, PEFT export.
+#   (optional stages 3 and 4: K clients per pass, GPU_CHECK_KPASS=1; one federation on Ray actors, GPU_CHECK_SCALE_OUT=1)
 # Both build their models from configs (random weights): nothing but this repository and one wheel travels.
 #
 # Prepare once, in the repository root, the bitsandbytes wheel (43 MB; the version `fedlora[gpu]` installs today):
@@ -40,6 +41,21 @@ if "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   if [ "${GPU_CHECK_KPASS:-0}" = 1 ]; then
     timeout 180 "$py" benchmarks/throughput.py --out "$out/kpass" --models minilm --clients 20 --repeats 2 \
       --arms cuda-fp32,cuda-fp32-k4,cuda-fp32-k8,cuda-fp32-k20 || { echo "throughput.py (K): rc $?"; status=1; }
+  fi
+  # 4. One federation on Flower's Simulation Engine (Ray): in process on one GPU vs Ray actors, four per GPU
+  #    (benchmarks/scale_out.py, MiniLM, 20 clients; on a machine with several GPUs the 4-actor arm spans
+  #    one GPU and the 8-actor arm two). Needs `pip install 'fedlora[ray]'` (flwr[simulation], Ray, and
+  #    fedlora's own dependencies) on the GPU host: the Ray wheel alone is larger than what a bare lent
+  #    machine is carried, so there the stage says why it did not run. Off by default: GPU_CHECK_SCALE_OUT=1.
+  if [ "${GPU_CHECK_SCALE_OUT:-0}" = 1 ]; then
+    if "$py" -c "import ray, flwr.simulation, fedlora.cli" 2>/dev/null; then
+      ngpu=$("$py" -c "import torch; print(torch.cuda.device_count())")
+      actors=4; [ "$ngpu" -ge 2 ] && actors=4,8
+      timeout 420 "$py" benchmarks/scale_out.py --out "$out/scale_out" --gpus-per-client 0.25 --actors "$actors" \
+        --rounds 3 --local-steps 20 || { echo "scale_out.py: rc $?"; status=1; }
+    else
+      echo "scale_out.py: not run: ray / flwr[simulation] / fedlora's dependencies are not installed here"
+    fi
   fi
 else
   echo "no CUDA device: CPU fallback"

@@ -7,7 +7,7 @@
 
 Every arm is a fresh process: `fedlora run` (in process, one model) and `fedlora simulate --backend ray`
 on a new local Ray cluster of N CPUs (`--num-cpus N --cpus-per-client 1`: N actors, each building the base
-model once; with --gpus-per-client the cluster sees every GPU and the pool is as many actors as fit).
+model once; with --gpus-per-client G also ceil(N * G) GPUs, so 4 actors at 0.25 share one GPU, 8 use two).
 Reported per arm: seconds per round (metrics.jsonl `wall_s`: the mean over all rounds, and over the rounds
 after the first, in which each actor builds its run), end-to-end wall time, peak memory (the sum of the
 resident sets of the arm's process tree, sampled every 0.5 s: the driver with the ServerApp, Ray's own
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -112,10 +113,12 @@ def main() -> None:
     for n in (int(x) for x in args.actors.split(",")):
         run_dir = tmp / f"ray_{n}"
         cmd = [*CLI, "simulate", str(cfg_path), "--backend", "ray", "--out", str(run_dir)]
-        cmd += ["--gpus-per-client", str(args.gpus_per_client)] if gpu else \
-            ["--num-cpus", str(n), "--cpus-per-client", "1"]
-        arms.append((f"Ray, {n} actors" if not gpu else f"Ray, {args.gpus_per_client} GPU per client", n, cmd,
-                     run_dir))
+        cmd += ["--num-cpus", str(n), "--cpus-per-client", "1"]
+        if gpu:  # a local cluster of the GPUs that n actors need: 4 actors at 0.25 on one GPU, 8 on two
+            cmd += ["--gpus-per-client", str(args.gpus_per_client), "--num-gpus",
+                    str(math.ceil(n * args.gpus_per_client))]
+        gpus = f" on {math.ceil(n * args.gpus_per_client)} GPU" if gpu else ""
+        arms.append((f"Ray, {n} actors{gpus}", n, cmd, run_dir))
     results, base = [], None
     for name, n, cmd, run_dir in arms:
         wall, peak = timed(cmd)

@@ -110,3 +110,27 @@ def test_killed_ray_simulation_resumes_to_the_same_run(ray_head, run_config, tmp
     assert len(metrics.read_text().splitlines()) < 3
     finish(start(["--resume", str(out), "--address", ray_head, "--cpus-per-client", "2"]))
     assert_same_run(out, in_process)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backend", "dask"], "--backend must be ray"),
+    (["--set", "partition.scheme=files"], "partition.scheme 'files'"),
+    (["--set", "method.name=centralized"], "no federated form"),
+    (["--address", "127.0.0.1:1", "--num-cpus", "2"], "--num-cpus / --num-gpus size a new local cluster"),
+])
+def test_simulate_refuses_bad_input_in_one_line(run_config, args, message):
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    r = CliRunner().invoke(app, ["simulate", str(run_config[0]), *args])
+    assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_simulate_resume_needs_its_run_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    r = CliRunner().invoke(app, ["simulate", "--resume", str(tmp_path)])
+    assert r.exit_code == 2 and "flower_run.json" in r.output, r.output

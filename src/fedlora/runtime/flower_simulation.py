@@ -92,6 +92,11 @@ def run_on_ray(cfg_text: str, num_clients: int, run_config: dict, node_config: d
     server, client = simulation_apps(rc, node_config)
     start_ray(address, num_cpus, num_gpus)
     try:
+        from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+        # Flower's own count of the actors that fit; none fit -> ValueError here, not a ServerApp left waiting
+        actors = pool_size_from_resources(client_resources)
+        print(f"fedlora: {num_clients} virtual SuperNodes on {actors} Ray actors of {client_resources}", flush=True)
         run_simulation(server_app=server, client_app=client, num_supernodes=num_clients, backend_name="ray",
                        backend_config={"client_resources": client_resources})
     finally:
