@@ -21,6 +21,7 @@ import pytest
 import yaml
 from test_flower import assert_same_run, config, simulate
 
+from fedlora.config import build_config
 from fedlora.runtime.flower_cli import free_port
 
 CLI = [sys.executable, "-m", "fedlora.cli", "simulate"]
@@ -134,3 +135,22 @@ def test_simulate_resume_needs_its_run_directory(tmp_path):
 
     r = CliRunner().invoke(app, ["simulate", "--resume", str(tmp_path)])
     assert r.exit_code == 2 and "flower_run.json" in r.output, r.output
+
+
+def test_one_process_builds_the_run_once_for_every_client(tmp_path):
+    """A Ray actor serves whichever client the pool hands it: the run (base model, adapters, partitions) is
+    built at its first message and reused for the next client, not rebuilt per client."""
+    from flwr.app import Context, RecordDict
+
+    from fedlora.config import dump_config
+    from fedlora.runtime.flower import client
+
+    text = dump_config(build_config(config(tmp_path, "fedsa")))
+
+    def node(cid: int) -> Context:
+        return Context(run_id=1, node_id=100 + cid, state=RecordDict(), run_config={},
+                       node_config={"partition-id": cid, "num-partitions": 3, "state-dir": str(tmp_path),
+                                    "threads": 1})
+
+    first = client.environment(text, node(0), 0, None)
+    assert all(client.environment(text, node(cid), cid, None) is first for cid in (1, 2, 0))
