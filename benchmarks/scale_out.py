@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--actors", default="1,2,4", help="comma-separated actor counts (CPU: the local cluster's CPUs)")
     ap.add_argument("--gpus-per-client", type=float, default=0.0, help="> 0: actors on GPUs (device cuda)")
     ap.add_argument("--quick", action="store_true", help="tiny random BERT, 3 clients, 2 rounds, 1 actor")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     if args.quick:
         args.model, args.task, args.clients, args.rounds, args.local_steps, args.actors = \
