@@ -118,7 +118,7 @@ def main() -> None:
             cmd += ["--gpus-per-client", str(args.gpus_per_client), "--num-gpus",
                     str(math.ceil(n * args.gpus_per_client))]
         gpus = f" on {math.ceil(n * args.gpus_per_client)} GPU" if gpu else ""
-        arms.append((f"Ray, {n} actors{gpus}", n, cmd, run_dir))
+        arms.append((f"Ray, {n} actor{'s' if n > 1 else ''}{gpus}", n, cmd, run_dir))
     results, base = [], None
     for name, n, cmd, run_dir in arms:
         wall, peak = timed(cmd)
