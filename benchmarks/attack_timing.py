@@ -8,12 +8,14 @@ not counted.
 `--profile` adds torch.profiler's top operators of a few steps of each attack.
 
     .venv/bin/python benchmarks/attack_timing.py                       # every upload, batch 1 and 4
+    .venv/bin/python benchmarks/attack_timing.py --before trim=False   # old (padded length) vs new, same load
     .venv/bin/python benchmarks/attack_timing.py --methods fedit --batch-sizes 1 --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 from pathlib import Path
 
@@ -26,6 +28,11 @@ from fedlora.runtime.simulation import Simulation
 from fedlora.sweep import exit_on_error, markdown, write_json
 
 
+def overrides(pairs: list[str]) -> dict:
+    """key=value strings, each value a Python literal."""
+    return {k: ast.literal_eval(v) for k, v in (p.split("=", 1) for p in pairs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default=",".join(privacy.ATTACKED))
@@ -35,15 +42,19 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--label", default="", help="a name for this measurement in the JSON (e.g. before, after)")
     ap.add_argument("--set", nargs="*", default=[], help="invert() keyword overrides, key=value (python literal)")
+    ap.add_argument("--before", nargs="*", default=None,
+                    help="also time invert() with these overrides on the same observation, right before (the old "
+                         "attack: trim=False)")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    extra = {k: eval(v) for k, v in (s.split("=", 1) for s in args.set)}  # noqa: S307 (local flags)
+    extra = overrides(args.set)
     known = set(inspect.signature(A.invert).parameters)
     extra = {k: v for k, v in extra.items() if k in known}
+    before = overrides(args.before) if args.before is not None else None
     rows = []
     for m in args.methods.split(","):
-        cfg = privacy.base(False, m, args.warm, 3)
+        cfg = privacy.base(False, privacy._method_name(m), privacy._warm(m, args.warm), 3)
         cfg["threads"] = 1
         sim = Simulation(build_config({**cfg, "name": f"timing-{m}"}), None)
         sim.run()
@@ -57,11 +68,16 @@ def main() -> None:
             obs = A.client_step(sim.am, method, sim.clients[0], dl, batch, sim.cfg.train, "sgd")
             kw = {"vocab": vocab, "search": 0, **extra}
             steps = args.steps if m != "full" else max(1, args.steps // 5)
+            if before is not None:
+                old = A.invert(sim.am, obs, method, steps=steps, **{**kw, **before})
+                old_s = old.inversion_s / max(1, sum(old.steps_run))
             res = A.invert(sim.am, obs, method, steps=steps, **kw)
             run = sum(res.steps_run)
             row = {"method": m, "batch_size": b, "steps": run, "s_per_step": res.inversion_s / max(1, run),
                    "width": A.real_width(obs.attention_mask), "observed_numbers": int(sum(v.numel() for v in
                                                                                         obs.delta.values()))}
+            if before is not None:
+                row["s_per_step_before"], row["speed_up"] = old_s, old_s / max(row["s_per_step"], 1e-12)
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -72,12 +88,15 @@ def main() -> None:
                 print(f"--- {m} b={b}\n{table}", flush=True)
             sim.am.set_state(snap)
             rows.append(row)
-            print(f"  {m} b={b}: {row['s_per_step']:.3f} s/step over {run} steps", flush=True)
+            print(f"  {m} b={b}: {row['s_per_step']:.3f} s/step over {run} steps"
+                  + (f" (before {row['s_per_step_before']:.3f})" if before is not None else ""), flush=True)
     name = "attack_timing" + (f"_{args.label}" if args.label else "")
-    write_json(Path(args.out) / f"{name}.json", {"label": args.label, "invert_overrides": extra, "rows": rows})
+    write_json(Path(args.out) / f"{name}.json", {"label": args.label, "invert_overrides": extra, "before": before,
+                                                 "rows": rows})
     print(markdown(rows, [("method", "upload", "s"), ("batch_size", "batch", "d"),
                           ("observed_numbers", "numbers", ",d"), ("width", "real width", "d"),
-                          ("steps", "steps timed", "d"), ("s_per_step", "s / step", ".3f")]))
+                          ("steps", "steps timed", "d"), ("s_per_step_before", "s / step before", ".3f"),
+                          ("s_per_step", "s / step", ".3f"), ("speed_up", "speed-up", ".2f")]))
 
 
 if __name__ == "__main__":
