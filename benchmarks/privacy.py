@@ -73,8 +73,8 @@ def sentences(sim, b: int, n: int) -> list[tuple[int, int]]:
     return picks
 
 
-# attacked uploads, in the order each (sentence, batch size) visits them: the claim's pair first, the full control
-# (the slowest inversion) last. "rolora" is RoLoRA's B-round upload, "rolora-a" its A-round upload (one more round)
+# attacked uploads, in the order each (sentence, batch size) visits them: the claim's pair first. "rolora" is
+# RoLoRA's B-round upload, "rolora-a" its A-round upload (one more round)
 ORDER = ["fedit", "celora", "ffa", "rolora", "rolora-a", "fedsa", "full"]
 
 
@@ -152,7 +152,11 @@ def token_recovery(args, out: Path) -> list[dict]:
             sims[label] = sim
         return sims[label]
 
-    todo = [(k, b, m) for k in range(args.sentences) for b in sizes for m in labels if (m, b, k) not in done]
+    # the adapter uploads first, sentence by sentence (a run cut short leaves them all at the same sentences,
+    # paired); the full control, whose inversion step costs ~20x an adapter's, after them
+    order = [m for m in labels if m != "full"], [m for m in labels if m == "full"]
+    todo = [(k, b, m) for group in order for k in range(args.sentences) for b in sizes for m in group
+            if (m, b, k) not in done]
     print(f"  attack: {len(done)} items done, {len(todo)} to go ({path})", flush=True)
     picks: dict[int, list] = {}
     for k, b, m in todo:
