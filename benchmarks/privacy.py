@@ -168,9 +168,10 @@ def token_recovery(args, out: Path) -> list[dict]:
         r = attack_client(sim, _method_name(m), cid, b, idx, "sgd", args.attack_steps, vocab=vocab, seed=k,
                           search=args.search, patience=args.patience, tol=args.tol, trim=not args.no_trim,
                           precision=args.precision)
-        item = {"method": m, "batch_size": b, "sentence": k, "client": cid, "batch_index": idx, "settings": settings,
+        # the upload's label last: attack_client's "method" is the method's name ("rolora" for "rolora-a" too)
+        item = {**r, "batch_size": b, "sentence": k, "client": cid, "batch_index": idx, "settings": settings,
                 **{f"random_{key}": v for key, v in random_baseline(sim, vocab, b, cid, idx, k).items()},
-                **r, "wall_s": time.perf_counter() - start}
+                "wall_s": time.perf_counter() - start, "method": m}
         with path.open("a") as f:  # one line per item, flushed: a kill loses at most the item in flight
             f.write(json.dumps(item) + "\n")
         done[(m, b, k)] = item
