@@ -383,3 +383,28 @@ def test_fedit_batch1_upload_gives_back_more_than_random_tokens(tmp_path):
         f1.append(r["f1"])
         rand.append(A.score(sim.tokenizer, guess, batch["input_ids"], batch["attention_mask"])["f1"])
     assert sum(f1) / 6 >= sum(rand) / 6 + 0.15, (f1, rand)
+
+
+def test_attack_benchmark_resumes_from_its_items(tmp_path):
+    # benchmarks/privacy.py appends one JSON line per finished (upload, batch, sentence); a rerun reads them back
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("privacy_bench", bench / "privacy.py")
+        P = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(P)
+    finally:
+        sys.path.remove(str(bench))
+    assert (P._warm("rolora", 2) + 1) % 2 == 1 and (P._warm("rolora-a", 2) + 1) % 2 == 0  # B round, A round
+    settings = {"steps": 200}
+    path = tmp_path / "items.jsonl"
+    rows = [{"method": m, "batch_size": 1, "sentence": 0, "settings": settings} for m in ("rolora", "rolora-a")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"method": "fedit", "batch')  # torn last line
+    assert set(P.read_items(path, settings)) == {("rolora", 1, 0), ("rolora-a", 1, 0)}
+    with pytest.raises(ValueError, match="other settings"):
+        P.read_items(path, {"steps": 100})
