@@ -42,7 +42,7 @@ from fedlora.privacy.dp import delta_norm
 from fedlora.runtime.simulation import Simulation
 from fedlora.sweep import exit_on_error, markdown, mean_std, run_sweep, save_figure, values, write_json
 
-ATTACKED = ["full", "fedit", "ffa", "rolora", "fedsa", "celora"]
+ATTACKED = ["full", "fedit", "ffa", "rolora", "rolora-a", "fedsa", "celora"]
 DP_METHODS = ["fedit", "ffa", "rolora", "celora"]
 LR = {"fedit": 3e-3, "ffa": 3e-3, "rolora": 3e-3, "celora": 3e-3}
 
@@ -73,30 +73,131 @@ def sentences(sim, b: int, n: int) -> list[tuple[int, int]]:
     return picks
 
 
+# attacked uploads, in the order each (sentence, batch size) visits them: the claim's pair first. "rolora" is
+# RoLoRA's B-round upload, "rolora-a" its A-round upload (one more round)
+ORDER = ["fedit", "celora", "ffa", "rolora", "rolora-a", "fedsa", "full"]
+
+
+def _method_name(label: str) -> str:
+    return "rolora" if label == "rolora-a" else label
+
+
+def _warm(label: str, warm: int) -> int:
+    """Rounds before the attacked round: RoLoRA uploads B in odd rounds and A in even ones."""
+    if label in ("rolora", "rolora-a"):
+        want_odd = label == "rolora"
+        return warm if ((warm + 1) % 2 == 1) == want_odd else warm + 1
+    return warm
+
+
+def attack_settings(args) -> dict:
+    """Everything an item's result depends on besides (upload, batch size, sentence): a rerun with other
+    settings is refused rather than mixed into the same file."""
+    return {"quick": args.quick, "warm": args.warm, "head": args.head, "steps": args.attack_steps,
+            "search": args.search, "patience": args.patience, "tol": args.tol, "trim": not args.no_trim,
+            "precision": args.precision, "optimizer": "sgd", "restarts": 1}
+
+
+def read_items(path: Path, settings: dict) -> dict[tuple[str, int, int], dict]:
+    """The finished items of an attack file, keyed (upload, batch size, sentence); a torn last line (a kill
+    mid-write) is dropped."""
+    import json
+
+    done = {}
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if item.get("settings") != settings:
+            raise ValueError(f"privacy: {path} holds items of other settings ({item.get('settings')}); "
+                             "use another --out or delete it")
+        done[(item["method"], item["batch_size"], item["sentence"])] = item
+    return done
+
+
+def random_baseline(sim, vocab: torch.Tensor, b: int, cid: int, idx: int, seed: int) -> dict:
+    """A random-token guess from the same alphabet as the adapter attack (the task's tokens), at the real
+    positions: what the scores are worth with no upload at all."""
+    from fedlora.privacy.attack import score
+    from fedlora.seeding import torch_generator
+
+    batch = sim.client_train[cid].batch(slice(idx * b, idx * b + b))
+    gen = torch_generator("attack_baseline", seed, b)
+    ids = vocab[torch.randint(len(vocab), batch["input_ids"].shape, generator=gen)]
+    return score(sim.tokenizer, ids, batch["input_ids"], batch["attention_mask"])
+
+
 def token_recovery(args, out: Path) -> list[dict]:
-    rows = []
+    """Every (sentence, batch size, upload) item once, appended to attack_items.jsonl as it finishes; a rerun
+    skips the finished ones, so the run can be stopped and resumed across sessions."""
+    import json
+
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    for m in args.attack_methods.split(","):
-        cfg = base(args.quick, m, args.warm, 3, head=args.head)
-        cfg["name"] = f"attack-{m}"
-        sim = Simulation(build_config(cfg), out / "attack_runs" / m)
-        sim.run()  # warm-up rounds: the attack is on round warm + 1
+    labels = [m for m in ORDER if m in args.attack_methods.split(",")]
+    settings = attack_settings(args)
+    path = out / "attack_items.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_items(path, settings)
+    sims: dict[str, object] = {}
+
+    def sim_for(label: str):
+        if label not in sims:
+            cfg = base(args.quick, _method_name(label), _warm(label, args.warm), 3, head=args.head)
+            cfg["name"], cfg["threads"] = f"attack-{label}", 1
+            sim = Simulation(build_config(cfg), None)
+            sim.run()  # warm-up rounds: the attack is on the next round
+            sims[label] = sim
+        return sims[label]
+
+    # the adapter uploads first, sentence by sentence (a run cut short leaves them all at the same sentences,
+    # paired); the full control, whose inversion step costs ~20x an adapter's, after them
+    order = [m for m in labels if m != "full"], [m for m in labels if m == "full"]
+    todo = [(k, b, m) for group in order for k in range(args.sentences) for b in sizes for m in group
+            if (m, b, k) not in done]
+    print(f"  attack: {len(done)} items done, {len(todo)} to go ({path})", flush=True)
+    picks: dict[int, list] = {}
+    for k, b, m in todo:
+        sim = sim_for(m)
+        picks.setdefault(b, sentences(sim, b, args.sentences))  # the same rows for every upload
+        cid, idx = picks[b][k]
         vocab = torch.unique(torch.cat([d.input_ids.flatten() for d in sim.client_train]))
+        start = time.perf_counter()
+        r = attack_client(sim, _method_name(m), cid, b, idx, "sgd", args.attack_steps, vocab=vocab, seed=k,
+                          search=args.search, patience=args.patience, tol=args.tol, trim=not args.no_trim,
+                          precision=args.precision)
+        # the upload's label last: attack_client's "method" is the method's name ("rolora" for "rolora-a" too)
+        item = {**r, "batch_size": b, "sentence": k, "client": cid, "batch_index": idx, "settings": settings,
+                **{f"random_{key}": v for key, v in random_baseline(sim, vocab, b, cid, idx, k).items()},
+                "wall_s": time.perf_counter() - start, "method": m}
+        with path.open("a") as f:  # one line per item, flushed: a kill loses at most the item in flight
+            f.write(json.dumps(item) + "\n")
+        done[(m, b, k)] = item
+        print(f"  attack {m} b={b} sentence {k}: F1 {item['f1']:.3f} ROUGE-L {item['rouge_l']:.3f} "
+              f"(random {item['random_f1']:.3f}; {sum(item['steps_run'])} steps, {item['wall_s']:.0f} s)", flush=True)
+    return summarize_items(done, labels, sizes, args.sentences)
+
+
+def summarize_items(done: dict, labels: list[str], sizes: list[int], want: int) -> list[dict]:
+    """One row per (upload, batch size): means with 95 % bootstrap intervals over its finished sentences."""
+    rows = []
+    for m in labels:
         for b in sizes:
-            start = time.perf_counter()
-            runs = [attack_client(sim, m, cid, b, idx, "sgd", args.attack_steps, vocab=vocab, seed=k,
-                                  search=args.search)
-                    for k, (cid, idx) in enumerate(sentences(sim, b, args.sentences))]
-            row = {"method": m, "batch_size": b, "sentences": len(runs),
-                   "observed_numbers": runs[0]["observed_numbers"], "wall_s": time.perf_counter() - start,
-                   "example": {"true": runs[0]["true"][0], "decoded": runs[0]["decoded"][0]}}
-            for k in ("precision", "recall", "f1", "rouge_l"):
-                per = [r[k] for r in runs]
-                row[k], row[f"{k}_lo"], row[f"{k}_hi"] = mean_ci(per)
-                row[f"{k}_each"] = per
+            items = [done[(m, b, k)] for k in range(want) if (m, b, k) in done]
+            if not items:
+                continue
+            row = {"method": m, "batch_size": b, "sentences": len(items), "complete": len(items) == want,
+                   "observed_numbers": items[0]["observed_numbers"], "wall_s": sum(i["wall_s"] for i in items),
+                   "steps_mean": float(np.mean([sum(i["steps_run"]) for i in items])),
+                   "sentence_ids": [i["sentence"] for i in items],
+                   "example": {"true": items[0]["true"][0], "decoded": items[0]["decoded"][0]}}
+            for key in ("precision", "recall", "f1", "rouge_l", "random_f1", "random_rouge_l"):
+                per = [i[key] for i in items]
+                row[key], row[f"{key}_lo"], row[f"{key}_hi"] = mean_ci(per)
+                row[f"{key}_each"] = per
             rows.append(row)
-            print(f"  attack {m} b={b}: F1 {row['f1']:.3f} [{row['f1_lo']:.3f}, {row['f1_hi']:.3f}], ROUGE-L "
-                  f"{row['rouge_l']:.3f} ({row['wall_s']:.0f} s)", flush=True)
     return rows
 
 
@@ -108,11 +209,19 @@ def celora_claim(rec: list[dict]) -> list[dict]:
         got = {r["method"]: r for r in rec if r["batch_size"] == b}
         if not {"celora", "fedit"} <= set(got):
             continue
+        ce, fe = got["celora"], got["fedit"]
+        both = [k for k in ce.get("sentence_ids", range(ce["sentences"])) if k in set(fe.get("sentence_ids",
+                                                                                          range(fe["sentences"])))]
+        pos = {name: {k: i for i, k in enumerate(r.get("sentence_ids", range(r["sentences"])))}
+               for name, r in (("celora", ce), ("fedit", fe))}
+        complete = ce.get("complete", True) and fe.get("complete", True)
         for k in ("f1", "rouge_l"):
-            ratio, lo, hi = ratio_ci(got["celora"][f"{k}_each"], got["fedit"][f"{k}_each"])
-            out.append({"batch_size": b, "metric": k, "celora": got["celora"][k], "fedit": got["fedit"][k],
-                        "ratio": ratio, "ratio_lo": lo, "ratio_hi": hi, "sentences": got["celora"]["sentences"],
-                        "verdict": verdict(hi, lo)})
+            a = [ce[f"{k}_each"][pos["celora"][s]] for s in both]
+            d = [fe[f"{k}_each"][pos["fedit"][s]] for s in both]
+            ratio, lo, hi = ratio_ci(a, d)
+            out.append({"batch_size": b, "metric": k, "celora": float(np.mean(a)), "fedit": float(np.mean(d)),
+                        "ratio": ratio, "ratio_lo": lo, "ratio_hi": hi, "sentences": len(both),
+                        "verdict": verdict(hi, lo) if complete else "partial: " + verdict(hi, lo)})
     return out
 
 
@@ -201,6 +310,15 @@ def main() -> None:
                     help="inversion steps (default 200; 0: closed form and search only)")
     ap.add_argument("--search", type=int, default=None, help="discrete search proposals per batch (default 30)")
     ap.add_argument("--warm", type=int, default=2, help="rounds trained before the attacked round")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="stop an inversion after this many steps without a relative fall of --tol "
+                         "(default 20; 0: off)")
+    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--no-trim", action="store_true", help="invert at the padded length, not the real width")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                    help="the inversion's autocast (auto: bf16 only where the CPU has it natively)")
+    ap.add_argument("--summarize", action="store_true",
+                    help="only read the finished attack items back and print the tables (while a run goes on)")
     ap.add_argument("--dp-methods", default=",".join(DP_METHODS))
     # the DP budget: 5 clients x 6 rounds x 20 steps, where FedIT learns without DP (0.73 on one seed; at the
     # old 10 x 4 x 5 it stayed at the majority class, so DP had nothing to destroy)
@@ -219,12 +337,20 @@ def main() -> None:
     args.sentences = args.sentences or (2 if args.quick else 20)
     args.attack_steps = args.attack_steps if args.attack_steps is not None else (10 if args.quick else 200)
     args.search = args.search if args.search is not None else (3 if args.quick else 30)
+    args.patience = args.patience if args.patience is not None else 20
     args.rounds, args.steps = args.rounds or (2 if args.quick else 6), args.steps or (2 if args.quick else 20)
     if args.quick:
         args.warm, args.sigmas = 1, "1"
     name = "privacy" + ("_quick" if args.quick else "")
     out = Path(args.out) / name
-    rec = [] if args.skip == "attack" else token_recovery(args, out)
+    if args.summarize:
+        labels = [m for m in ORDER if m in args.attack_methods.split(",")]
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        rec = summarize_items(read_items(out / "attack_items.jsonl", attack_settings(args)), labels, sizes,
+                              args.sentences)
+        args.skip = "dp"
+    else:
+        rec = [] if args.skip == "attack" else token_recovery(args, out)
     dp = [] if args.skip == "dp" else accuracy_vs_epsilon(args, out)
     claim = celora_claim(rec)
     write_json(Path(args.out) / f"{name}.json", {"head": args.head, "token_recovery": rec, "celora_claim": claim,
@@ -248,7 +374,8 @@ def main() -> None:
                              ("sentences", "sentences", "d"), ("observed_numbers", "numbers seen", ",d"),
                              ("f1", "token F1", ".3f"), ("f1_lo", "95 % CI lo", ".3f"), ("f1_hi", "hi", ".3f"),
                              ("rouge_l", "ROUGE-L", ".3f"), ("rouge_l_lo", "95 % CI lo", ".3f"),
-                             ("rouge_l_hi", "hi", ".3f"), ("wall_s", "wall s", ".0f")]))
+                             ("rouge_l_hi", "hi", ".3f"), ("random_f1", "random-token F1", ".3f"),
+                             ("steps_mean", "steps (mean)", ".0f"), ("wall_s", "wall s", ".0f")]))
 
 
 if __name__ == "__main__":

@@ -227,3 +227,184 @@ def test_mean_ci_and_the_half_claim():
     assert r == pytest.approx(0.45) and A.verdict(hi, lo) == "not settled"
     with pytest.raises(ValueError, match="same sentences"):
         A.ratio_ci([0.1], [0.1, 0.2])
+
+
+# ---------------------------------------------------------------- the speed-ups leave the matched observation as it is
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()  # tiny updates: no eps floor as in F.cosine_similarity
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def _padded_batch(sim, rows: slice, width: int) -> dict:
+    """A training batch right-padded after `width` columns (the synthetic task fills every column)."""
+    batch = {k: v.clone() for k, v in sim.client_train[0].batch(rows).items()}
+    batch["attention_mask"][:, width:] = 0
+    batch["input_ids"][:, width:] = sim.tokenizer.pad_token_id or 0
+    return batch
+
+
+def _true_dummy(sim, obs):
+    """The dummies the true batch gives: its word embeddings, and its labels as exact one-hot logits."""
+    x = sim.am.model.get_input_embeddings().weight.detach()[obs.true_ids].clone().requires_grad_(True)
+    y = torch.full((len(obs.true_labels), obs.num_labels), -math.inf)
+    y[torch.arange(len(y)), obs.true_labels] = 0.0
+    return x, y
+
+
+def _observe(sim, batch, method="fedit"):
+    m = sim.method if method != A.FULL else None
+    dl = sim.server.download(0, 1) if m is not None else Download(0, 1, {})
+    return A.client_step(sim.am, m, sim.clients[0], dl, batch, sim.cfg.train, "sgd")
+
+
+def test_uploaded_keys_gradients_alone_equal_those_of_a_full_backward(tiny):
+    sim = tiny(method={"name": "fedit"})
+    obs = _observe(sim, _padded_batch(sim, slice(0, 2), 16))
+    keys = sorted(obs.delta)
+    params = dict(sim.am.model.named_parameters()) | sim.am._params
+    x, y = _true_dummy(sim, obs)
+    sim.am.model.eval()
+    saved = {n: p.requires_grad for n, p in sim.am.model.named_parameters()}
+    for p in sim.am.model.parameters():  # a full backward over every weight, as a reference
+        p.requires_grad_(True)
+    try:
+        only = A.dummy_gradients(sim.am.model, x, y, obs.attention_mask, [params[k] for k in keys],
+                                 create_graph=False)
+        for p in sim.am.model.parameters():
+            p.grad = None
+        out = sim.am.model(inputs_embeds=x, attention_mask=obs.attention_mask).logits
+        A._soft_ce(out, torch.softmax(y, -1)).backward()
+        for k, g in zip(keys, only, strict=True):
+            assert torch.allclose(g, params[k].grad, rtol=1e-5, atol=1e-8), k
+            # and -lr·g is the observed update of that key (one SGD step, fp32 rounding of the weights)
+            ind = -obs.lr[k] * g
+            if float(obs.delta[k].abs().max()) == 0:  # round 1: B = 0, so A's gradient is exactly 0
+                assert float(g.abs().max()) == 0, k
+                continue
+            assert _cos(ind, obs.delta[k]) > 0.9999, k
+    finally:
+        for n, p in sim.am.model.named_parameters():
+            p.grad = None
+            p.requires_grad_(saved[n])
+
+
+@pytest.mark.parametrize("method", ["fedit", A.FULL])
+def test_trim_to_the_real_width_leaves_the_matched_gradient_unchanged(tiny, method):
+    sim = tiny(method={"name": "fedit"})
+    w = sim.client_train[0].batch(slice(0, 2))["input_ids"].shape[1] - 3
+    obs = _observe(sim, _padded_batch(sim, slice(0, 2), w), method)
+    assert A.real_width(obs.attention_mask) == w < obs.attention_mask.shape[1]
+    params = dict(sim.am.model.named_parameters()) | sim.am._params
+    emb = A.word_embedding_key(sim.am)
+    keys = [k for k in sorted(obs.delta) if k != emb]  # the continuous stage's keys
+    ps = [params[k] for k in keys]
+    saved = [p.requires_grad for p in ps]
+    sim.am.model.eval()
+    sim.am.model.set_attn_implementation("eager")
+    for p in ps:
+        p.requires_grad_(True)
+    try:
+        x, y = _true_dummy(sim, obs)
+        wide = A.dummy_gradients(sim.am.model, x, y, obs.attention_mask, ps, create_graph=False)
+        narrow = A.dummy_gradients(sim.am.model, x[:, :w], y, obs.attention_mask[:, :w], ps, create_graph=False)
+    finally:
+        for p, rg in zip(ps, saved, strict=True):
+            p.requires_grad_(rg)
+    for k, a, b in zip(keys, wide, narrow, strict=True):
+        if k.endswith("position_embeddings.weight"):  # the padding rows' gradient is exactly 0
+            assert float(a[w:].abs().max()) == 0.0
+            a, b = a[:w], b[:w]
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), k
+    # the attack itself: same objective at either width on the true tokens, decoded ids back at full width
+    res = A.invert(sim.am, obs, sim.method if method != A.FULL else None, steps=2, search=0)
+    assert res.ids.shape == obs.true_ids.shape and bool((res.ids[:, w:] == (sim.tokenizer.pad_token_id or 0)).all())
+
+
+def test_early_stop_cuts_the_same_trajectory_on_the_same_observation(tiny):
+    sim = tiny(method={"name": "fedit"})
+    obs = _observe(sim, sim.client_train[0].batch(slice(0, 1)))
+    before = {k: v.clone() for k, v in obs.delta.items()}
+    full = A.invert(sim.am, obs, sim.method, steps=40, search=0)
+    cut = A.invert(sim.am, obs, sim.method, steps=40, search=0, patience=3, tol=0.5)  # stalls at once
+    assert full.steps_run == [40] and cut.steps_run[0] < 40
+    assert cut.trace[0] == full.trace[0][:len(cut.trace[0])]  # the same objective, step for step, then cut
+    assert all(torch.equal(before[k], obs.delta[k]) for k in before)
+    never = A.invert(sim.am, obs, sim.method, steps=40, search=0, patience=100)  # never stalls that long
+    assert never.trace == full.trace and torch.equal(never.ids, full.ids)
+
+
+def test_bf16_is_an_option_and_auto_keeps_fp32_without_native_bf16(tiny, monkeypatch):
+    import fedlora.compute
+
+    sim = tiny(method={"name": "fedit"})
+    obs = _observe(sim, sim.client_train[0].batch(slice(0, 2)))
+    params = sim.am._params
+    keys = sorted(obs.delta)
+    ps = [params[k] for k in keys]
+    for p in ps:
+        p.requires_grad_(True)
+    sim.am.model.eval()
+    try:
+        x, y = _true_dummy(sim, obs)
+        g32 = A.dummy_gradients(sim.am.model, x, y, obs.attention_mask, ps, create_graph=False)
+        g16 = A.dummy_gradients(sim.am.model, x, y, obs.attention_mask, ps, A._autocast("bf16"), create_graph=False)
+    finally:
+        for p in ps:
+            p.requires_grad_(False)
+    for a, b in zip(g32, g16, strict=True):
+        assert b.dtype == torch.float32  # matched in fp32 against the fp32 observation
+        assert float(a.abs().max()) == 0 or _cos(a, b) > 0.99
+    monkeypatch.setattr(fedlora.compute, "native_bf16_cpu", lambda: False)
+    fp32 = A.invert(sim.am, obs, sim.method, steps=5, search=0)
+    auto = A.invert(sim.am, obs, sim.method, steps=5, search=0, precision="auto")
+    assert auto.trace == fp32.trace  # no native bf16: auto is fp32, bit for bit
+    bf16 = A.invert(sim.am, obs, sim.method, steps=3, search=0, precision="bf16")
+    assert bf16.steps_run == [3] and math.isfinite(bf16.loss)
+    with pytest.raises(ValueError, match="precision"):
+        A.invert(sim.am, obs, sim.method, steps=1, precision="fp8")
+
+
+def test_fedit_batch1_upload_gives_back_more_than_random_tokens(tmp_path):
+    # the attack's strength on an adapter upload, with the speed-ups on (trim, early stop): FedIT's A, B and head
+    # after one trained round, six batch-1 sentences, against a random guess from the same alphabet (the task's
+    # tokens) at the same positions
+    from conftest import make_sim
+
+    sim = make_sim(tmp_path, model={"name": "tiny-bert", "max_length": 8}, federation={"rounds": 1})
+    sim.run()
+    vocab = _task_vocab(sim)
+    f1, rand = [], []
+    for row in range(6):
+        r = A.attack_client(sim, "fedit", 0, 1, row, steps=100, vocab=vocab, seed=row, search=10, patience=20)
+        batch = sim.client_train[0].batch(slice(row, row + 1))
+        guess = vocab[torch.randint(len(vocab), batch["input_ids"].shape, generator=torch.Generator().manual_seed(row))]
+        f1.append(r["f1"])
+        rand.append(A.score(sim.tokenizer, guess, batch["input_ids"], batch["attention_mask"])["f1"])
+    assert sum(f1) / 6 >= sum(rand) / 6 + 0.15, (f1, rand)
+
+
+def test_attack_benchmark_resumes_from_its_items(tmp_path):
+    # benchmarks/privacy.py appends one JSON line per finished (upload, batch, sentence); a rerun reads them back
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("privacy_bench", bench / "privacy.py")
+        P = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(P)
+    finally:
+        sys.path.remove(str(bench))
+    assert (P._warm("rolora", 2) + 1) % 2 == 1 and (P._warm("rolora-a", 2) + 1) % 2 == 0  # B round, A round
+    settings = {"steps": 200}
+    path = tmp_path / "items.jsonl"
+    rows = [{"method": m, "batch_size": 1, "sentence": 0, "settings": settings} for m in ("rolora", "rolora-a")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"method": "fedit", "batch')  # torn last line
+    assert set(P.read_items(path, settings)) == {("rolora", 1, 0), ("rolora-a", 1, 0)}
+    with pytest.raises(ValueError, match="other settings"):
+        P.read_items(path, {"steps": 100})

@@ -36,6 +36,7 @@ PURPOSES = frozenset({
     "descriptor_noise",  # CE-LoRA's private data-descriptor release
     "client_ranks",      # heterogeneous ranks: which client gets which rank
     "attack",            # the gradient-inversion attack: dummy initialisations and search proposals
+    "attack_baseline",   # the random-token guess the attack is compared with
     "bootstrap",         # confidence intervals of benchmark means by bootstrap resampling
 })
 

@@ -28,6 +28,7 @@ decoded text against the true text. Classification models only (a causal LM is n
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -65,6 +66,9 @@ class AttackResult:
     labels: torch.Tensor  # (b,) recovered labels (argmax of the soft labels)
     loss: float  # final matching objective
     metrics: dict[str, float] = field(default_factory=dict)
+    steps_run: list[int] = field(default_factory=list)  # continuous steps taken, per restart (early stop)
+    inversion_s: float = 0.0  # wall seconds of the continuous stage (every restart's steps together)
+    trace: list[list[float]] = field(default_factory=list)  # the continuous objective at each step, per restart
 
 
 # ------------------------------------------------------------------ which tensors are observed
@@ -252,10 +256,51 @@ def _mismatch(ind: list[torch.Tensor], target: list[torch.Tensor], l2_weight: fl
     return (1 - cos) + key_weight * per_key + l2_weight * l2
 
 
+def real_width(mask: torch.Tensor) -> int:
+    """The batch's real width: one past the last column any row attends to (rows are right-padded)."""
+    cols = torch.nonzero(mask.bool().any(0)).flatten()
+    return int(cols.max()) + 1 if len(cols) else mask.shape[1]
+
+
+def _autocast(precision: str):
+    """The autocast context of the continuous stage: fp32 (none), bf16, or auto (bf16 where it is native)."""
+    import contextlib
+
+    if precision == "auto":
+        from ..compute import native_bf16_cpu
+
+        precision = "bf16" if native_bf16_cpu() else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision != "bf16":
+        raise ValueError(f"attack: precision must be 'fp32', 'bf16' or 'auto', got '{precision}'")
+    return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def dummy_gradients(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, ps: list[torch.Tensor],
+                    autocast=None, create_graph: bool = True) -> list[torch.Tensor]:
+    """The gradients, fp32, of the uploaded keys `ps` (and of nothing else) that dummy input embeddings x with
+    soft-label logits y induce: the client's loss on them, differentiated once (`create_graph` keeps the graph
+    for the dummies' own gradient)."""
+    import contextlib
+
+    with (autocast or contextlib.nullcontext)():
+        out = model(inputs_embeds=x, attention_mask=mask).logits
+        ce = _soft_ce(out.float(), F.softmax(y, -1))
+        grads = torch.autograd.grad(ce, ps, create_graph=create_graph)
+    return [g.float() for g in grads]
+
+
+def _dummy_objective(model, x, y, mask, ps, lrs, target, optimizer, eps, l2_weight, key_weight, autocast):
+    grads = dummy_gradients(model, x, y, mask, ps, autocast)
+    return _mismatch(_induced(grads, lrs, optimizer, eps), target, l2_weight, key_weight)
+
+
 def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, steps: int = 500, lr: float = 0.1,
            l2_weight: float = 1.0, key_weight: float = 1.0, min_rel_update: float = 0.0, restarts: int = 1,
            seed: int = 0, vocab: torch.Tensor | None = None, init_scale: float | None = None,
-           search: int = 30, use_bag: bool = True) -> AttackResult:
+           search: int = 30, use_bag: bool = True, trim: bool = True, patience: int = 0, tol: float = 1e-3,
+           precision: str = "fp32") -> AttackResult:
     """Reconstruct the batch from `obs` (only the keys the method uploads). The model must hold the
     client's starting state (the download applied), as after `client_step`.
 
@@ -266,7 +311,17 @@ def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, ste
     3. the decoded candidates (and the position-score placement) are scored by the gradient-matching
        objective of the real tokens (now the word-embedding update is matched too); the best is improved by
        `search` LAMP-style discrete proposals (swap two positions, or replace one token from the alphabet),
-       each kept if it lowers that objective. The result is the lowest objective found."""
+       each kept if it lowers that objective. The result is the lowest objective found.
+
+    Speed-ups that leave the matched observation as it is (tests/test_privacy.py checks each):
+    `trim` runs the dummies and the candidates on the batch's real width only (the longest row; the
+    padding columns after it are known from the mask and, masked out as keys, add exactly nothing to any
+    weight's gradient); `patience` > 0 stops a restart once its objective has not fallen below
+    (1 − `tol`) × its best for that many steps, and keeps the dummies of its best step; `precision` "bf16"
+    runs the continuous stage's forward and backward under bf16 autocast (the gradients and the objective
+    stay fp32, the target is the fp32 observation), "auto" only where the CPU has native bf16 (AVX512-BF16
+    or AMX) or on a GPU. Only the uploaded keys' gradients are ever formed (`torch.autograd.grad` on
+    them alone)."""
     check_keys(am, method, obs.round, obs.delta)
     params = dict(am.model.named_parameters()) | am._params
     emb_key = word_embedding_key(am)
@@ -279,8 +334,10 @@ def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, ste
     if not cont_keys:
         raise ValueError("attack: every observed update is below the weights' float32 resolution")
     eps = 1e-3  # AdamW: a smooth sign
-    mask = obs.attention_mask
-    b, seq = mask.shape
+    full_mask = obs.attention_mask
+    b, full_seq = full_mask.shape
+    seq = real_width(full_mask) if trim else full_seq
+    mask = full_mask[:, :seq]
     words = am.model.get_input_embeddings().weight.detach()
     scale = float(words.std()) if init_scale is None else init_scale
     hidden = words.shape[1]
@@ -288,6 +345,7 @@ def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, ste
     bag = bag_of_tokens(am, obs) if use_bag else None
     alphabet = bag if bag is not None else (vocab if vocab is not None else torch.arange(words.shape[0]))
     label = head_label(am, obs)
+    autocast = _autocast(precision)
     am.model.eval()
     # double backward (the gradient of a gradient) is not implemented for the fused SDPA kernels
     attn = getattr(am.model.config, "_attn_implementation", None)
@@ -310,14 +368,15 @@ def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, ste
         return float(_mismatch(ind, [obs.delta[k] for k in keys], l2_weight, key_weight))
 
     candidates = []  # (ids, soft labels)
+    steps_run, inversion_s, trace = [], 0.0, []
     try:
         for r in range(restarts):
             gen = torch_generator("attack", seed, r)
             if bag is not None:  # start from the exact tokens in a random arrangement
-                x0 = words[bag[torch.randint(len(bag), (b, seq), generator=gen)]].clone()
+                x0 = words[bag[torch.randint(len(bag), (b, full_seq), generator=gen)]].clone()
             else:
-                x0 = torch.randn(b, seq, hidden, generator=gen) * scale
-            x = x0.requires_grad_(True)
+                x0 = torch.randn(b, full_seq, hidden, generator=gen) * scale
+            x = x0[:, :seq].clone().requires_grad_(True)  # the same draw, trimmed or not
             y = torch.zeros(b, obs.num_labels)
             if label is not None:
                 y[0, label] = 30.0  # known: a fixed one-hot
@@ -325,28 +384,44 @@ def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, ste
             opt = torch.optim.Adam([x], lr=lr * scale)
             ylr = torch.optim.Adam([y], lr=lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+            best, best_x, best_y, since, done = float("inf"), x.detach().clone(), y.detach().clone(), 0, 0
+            trace.append([])
+            start = time.perf_counter()
             for _ in range(steps):
-                out = am.model(inputs_embeds=x, attention_mask=mask).logits
-                ce = _soft_ce(out, F.softmax(y, -1))
-                grads = torch.autograd.grad(ce, ps, create_graph=True)
-                loss = _mismatch(_induced(list(grads), lrs, obs.optimizer, eps), target, l2_weight, key_weight)
+                loss = _dummy_objective(am.model, x, y, mask, ps, lrs, target, obs.optimizer, eps, l2_weight,
+                                        key_weight, autocast)
+                done += 1
+                v = float(loss.detach())
+                trace[-1].append(v)
+                if patience > 0:  # early stop: keep the dummies of the best step seen
+                    if v < best * (1 - tol):
+                        since = 0
+                    else:
+                        since += 1
+                    if v < best:
+                        best, best_x, best_y = v, x.detach().clone(), y.detach().clone()
+                    if since >= patience:
+                        break
                 # only the dummies' gradients: loss.backward() would also fill the weights' .grad
                 free = [x] if label is not None else [x, y]
-                for v, g in zip(free, torch.autograd.grad(loss, free), strict=True):
-                    v.grad = g
+                for v_, g in zip(free, torch.autograd.grad(loss, free), strict=True):
+                    v_.grad = g
                 opt.step()
                 if label is None:
                     ylr.step()
                 sched.step()
-            soft = F.softmax(y.detach(), -1)
+            inversion_s += time.perf_counter() - start
+            steps_run.append(done)
+            xd, yd = (best_x, best_y) if patience > 0 and since >= patience else (x.detach(), y.detach())
+            soft = F.softmax(yd, -1)
             if bag is not None:
-                ids = place_bag(similarity(am, x.detach(), bag), bag, mask, pad_id)
+                ids = place_bag(similarity(am, xd, bag), bag, mask, pad_id)
             else:
-                ids = decode(am, x.detach(), vocab)
+                ids = decode(am, xd, vocab)
             candidates.append((ids, soft))
         if bag is not None and (pos := position_scores(am, obs, bag)) is not None:
             soft = candidates[0][1] if candidates else F.one_hot(torch.tensor([label or 0] * b), obs.num_labels).float()
-            candidates.append((place_bag(pos.expand(b, -1, -1), bag, mask, pad_id), soft))
+            candidates.append((place_bag(pos[:seq].expand(b, -1, -1), bag, mask, pad_id), soft))
         scored = [(discrete(ids, soft), ids, soft) for ids, soft in candidates]
         best_v, ids, soft = min(scored, key=lambda c: c[0])
         # LAMP-style discrete search on the objective of real tokens
@@ -369,7 +444,10 @@ def invert(am: AdaptedModel, obs: Observation, method: Method | None = None, ste
             p.requires_grad_(rg)
         if attn not in (None, "eager"):
             am.model.set_attn_implementation(attn)
-    return AttackResult(ids, soft.argmax(-1), best_v)
+    if seq < full_seq:  # back to the observed width: the trimmed columns are padding
+        ids = torch.cat([ids, torch.full((b, full_seq - seq), pad_id, dtype=ids.dtype)], dim=1)
+    return AttackResult(ids, soft.argmax(-1), best_v, steps_run=steps_run, inversion_s=inversion_s,
+                        trace=trace)
 
 
 # ------------------------------------------------------------------ metrics
@@ -447,10 +525,11 @@ def verdict(ratio_hi: float, ratio_lo: float, bound: float = 0.5) -> str:
 
 def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size: int = 1, batch_index: int = 0,
                   optimizer: str = "sgd", steps: int = 500, lr: float = 0.1, restarts: int = 1,
-                  vocab: torch.Tensor | None = None, seed: int = 0, search: int = 30) -> dict:
+                  vocab: torch.Tensor | None = None, seed: int = 0, search: int = 30, **invert_kw) -> dict:
     """Attack client `cid`'s round-1 upload of one step on rows [batch_index·b, (batch_index+1)·b) of its
     training data; `method_name` None (or "full") attacks the full fine-tuning reference with the run's
-    model. Returns the metrics with the decoded and true texts."""
+    model. `invert_kw`: invert's other options (trim, patience, tol, precision). Returns the metrics with the
+    decoded and true texts."""
     full = method_name in (None, FULL)
     method = None if full else sim.method
     if not full and method_name != sim.method.name:
@@ -470,7 +549,7 @@ def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size:
     try:
         obs = client_step(sim.am, method, sim.clients[cid], dl, batch, sim.cfg.train, optimizer)
         res = invert(sim.am, obs, method, steps=steps, lr=lr, restarts=restarts, seed=seed, vocab=vocab,
-                     search=search)
+                     search=search, **invert_kw)
     finally:
         sim.am.set_state(snapshot)
     m = score(sim.tokenizer, res.ids, obs.true_ids, obs.attention_mask)
@@ -478,6 +557,7 @@ def attack_client(sim, method_name: str | None = None, cid: int = 0, batch_size:
     res.metrics = m
     special = sim.tokenizer.all_special_ids
     return {"method": FULL if full else method.name, "batch_size": batch_size, **m, "objective": res.loss,
-            "observed_numbers": int(sum(v.numel() for v in obs.delta.values())),
+            "observed_numbers": int(sum(v.numel() for v in obs.delta.values())), "round": obs.round,
+            "steps_run": res.steps_run, "inversion_s": res.inversion_s,
             "decoded": [sim.tokenizer.decode([i for i in r if i not in special]) for r in res.ids.tolist()],
             "true": [sim.tokenizer.decode([i for i in r if i not in special]) for r in obs.true_ids.tolist()]}
