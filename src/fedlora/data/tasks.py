@@ -6,11 +6,15 @@ Tasks read files that ship inside PyPI packages (see shared offline-assets); not
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
 import re
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +45,11 @@ class Task:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def images(self) -> list[str] | None:
+        """An image task's image per row (a file path), from its `image` column."""
+        return self.columns.get("image")
 
 
 TASKS: dict[str, Callable[..., Task]] = {}
@@ -155,6 +164,40 @@ def chatterbot_qa(**_) -> Task:
                     answers.append(a)
                     cats.append(cat)
     return encode("chatterbot-qa", prompts, cats, {"category": cats}, targets=answers)
+
+
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+
+
+def easy_vqa_dir() -> Path:
+    """easy-VQA's data: installed by `make install` as a plain data folder beside the environment (its wheel also
+    ships a top-level `test` package that would shadow the standard library's if it sat in site-packages)."""
+    for root in filter(None, (os.environ.get("FEDLORA_EASY_VQA"), str(Path(sys.prefix) / "share" / "easy-vqa"))):
+        folder = Path(root) / "easy_vqa" / "data"
+        if (folder / "answers.txt").is_file():
+            return folder
+    raise FileNotFoundError("task 'easy-vqa': its data is not installed (run `make install`, or "
+                            "`pip install --no-deps --target DIR easy-vqa==1.0` and set FEDLORA_EASY_VQA=DIR)")
+
+
+def question_type(answer: str) -> str:
+    return "yes-no" if answer in ("yes", "no") else "shape" if answer in EASY_VQA_SHAPES else "color"
+
+
+@register("easy-vqa", "easy-VQA: 64x64 images of coloured shapes, questions -> 13 answers (VLM); qtype column")
+def easy_vqa(split: str = "train", **_) -> Task:
+    """easy-VQA (Zhou 2020, MIT): questions about 64×64 PNGs of one coloured shape, answered by one of 13 words.
+
+    The label is the answer (a Dirichlet split is over answers); column `qtype` is the question type, shape /
+    color / yes-no (`partition.scheme: natural`, `partition.column: qtype`: one client per type); column
+    `image` the image's file. `split` "train" (38,575 questions on 4,000 images) or "test" (9,673 on 1,000).
+    """
+    folder = easy_vqa_dir()
+    questions = json.loads((folder / split / "questions.json").read_text())
+    images = [str(folder / split / "images" / f"{q[2]}.png") for q in questions]
+    answers = [q[1] for q in questions]
+    return encode("easy-vqa", [q[0] for q in questions], answers,
+                  {"qtype": [question_type(a) for a in answers], "image": images}, targets=answers)
 
 
 FILE_TASKS = {"csv": "csv", "jsonl": "jsonl", "file": None, "instructions": None, "hf": None}
