@@ -216,7 +216,7 @@ def evaluate_lm(am: AdaptedModel, data: Examples, batch_size: int = 16) -> dict[
             target = b["labels"][:, 1:]
             tokens += int((target != -100).sum())
             b = to_device(b, device)
-            logits = am.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits = am.model(**{k: v for k, v in b.items() if k != "labels"}).logits  # + pixel_values (VLM)
             loss_sum += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                           b["labels"][:, 1:].reshape(-1), ignore_index=-100,
                                                           reduction="sum")
@@ -239,12 +239,15 @@ def generate_answers(am: AdaptedModel, tokenizer, data: Examples, max_new_tokens
         mask = torch.zeros_like(ids)
         for j, p in enumerate(prompts):
             ids[j, width - len(p):], mask[j, width - len(p):] = p, 1
+        images = {} if data.images is None else {
+            "pixel_values": data.pixel_values(torch.as_tensor(list(rows), dtype=torch.long)).to(am.device)}
         with am.merged(), autocast(am.device, am.precision):
             gen = am.model.generate(input_ids=ids.to(am.device), attention_mask=mask.to(am.device),
-                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id).cpu()
+                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                    **images).cpu()
         for j, r in enumerate(rows):
             ref = data.labels[r][data.labels[r] != -100]
-            out.append({"prompt": tokenizer.decode(prompts[j], skip_special_tokens=True),
+            out.append({"row": r, "prompt": tokenizer.decode(prompts[j], skip_special_tokens=True),
                         "answer": tokenizer.decode(gen[j, width:], skip_special_tokens=True).strip(),
                         "reference": tokenizer.decode(ref, skip_special_tokens=True).strip()})
     return out
