@@ -40,8 +40,8 @@ from .metrics import resolve_metrics
 from .models import cast_base, default_targets, load_causal_lm, load_classifier, load_tokenizer
 from .seeding import rng, torch_generator
 from .trackers import heatmap
-from .vision.vlm import LM_TARGETS, VisionLanguage, load_vlm, tokenize_vlm
 from .train import evaluate, evaluate_lm, generate_answers, score_generations
+from .vision.vlm import LM_TARGETS, VisionLanguage, load_vlm, tokenize_vlm
 
 log = logging.getLogger("fedlora")
 

@@ -12,6 +12,7 @@ through `AutoModelForImageTextToText` + `AutoProcessor` (one image of a fixed si
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,8 +52,9 @@ def normalizer(mean, std, five_d: bool = False) -> Callable[[torch.Tensor], torc
     return pixels
 
 
+@functools.cache
 def vlm_tokenizer():
-    """SmolLM2's tokenizer with one added special token, the image placeholder."""
+    """SmolLM2's tokenizer with one added special token, the image placeholder (read once per process)."""
     from transformers import AutoTokenizer
 
     from ..models import smollm2_tokenizer_dir
@@ -95,7 +97,6 @@ def tiny_vlm(kind: str, seed: int) -> VisionLanguage:
 def hub_vlm(name: str, path: str) -> VisionLanguage:
     """A pretrained image-text-to-text model and its processor (folder or hub name): the image placeholder
     text and the pixel_values layout are read off the processor's output for one blank image."""
-    from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..models import unreachable
