@@ -243,7 +243,14 @@ def load_task(name: str, *, path: str | None = None, text_column: str = "text", 
               **source: Any) -> Task:
     """A registered task, or a user's data (`csv`, `jsonl`, `file`, `instructions`, `hf`) through
     `load_task_source`; `source` holds its other column and split options."""
-    if name in FILE_TASKS:
+    if name == "vqa":
+        from .source import load_vqa_source
+
+        if not path:
+            raise ValueError("task.path is required for task.name 'vqa' (a JSONL file of image, question, answer "
+                             "or a Hugging Face dataset with an Image column)")
+        task = load_vqa_source(path, **vqa_options(source, text_column))
+    elif name in FILE_TASKS:
         from .source import load_task_source
 
         if not path:
@@ -261,7 +268,7 @@ def load_task(name: str, *, path: str | None = None, text_column: str = "text", 
     else:
         raise ValueError(f"task.name: unknown task '{name}' (known: {', '.join(sorted(TASKS))}, "
                          f"{', '.join(FILE_TASKS)})")
-    if name in FILE_TASKS and max_per_class:
+    if name in (*FILE_TASKS, "vqa") and max_per_class:
         task = cap_per_class(task, max_per_class, seed)
     if keep_labels:
         unknown = sorted(set(keep_labels) - set(task.label_names))
@@ -280,6 +287,15 @@ def load_task(name: str, *, path: str | None = None, text_column: str = "text", 
     return task
 
 
+def vqa_options(source: dict, text_column: str = "text") -> dict:
+    """`load_vqa_source`'s options from a task's column settings (defaults: image, question / prompt, answer)."""
+    out = source.get("output_column", "output")
+    return {"split": source.get("split"), "image_column": source.get("image_column", "image"),
+            "question_column": None if text_column == "text" else text_column,
+            "answer_column": "answer" if out == "output" else out,
+            "category_column": source.get("category_column", "category")}
+
+
 def task_from_config(t, seed: int) -> Task:
     """`load_task` with a `TaskConfig`'s fields."""
     return load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
@@ -287,4 +303,5 @@ def task_from_config(t, seed: int) -> Task:
                      keep_labels=t.keep_labels, min_examples_per_label=t.min_examples_per_label, split=t.split,
                      instruction_column=t.instruction_column, input_column=t.input_column,
                      output_column=t.output_column, category_column=t.category_column,
+                     **({"image_column": t.image_column} if t.name == "vqa" else {}),
                      **({"kind": t.kind} if t.name != "instructions" else {}))

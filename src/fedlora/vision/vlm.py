@@ -157,4 +157,4 @@ def tokenize_vlm(vlm: VisionLanguage, task, max_length: int):
     if int(ex.prompt_len.max()) >= max_length:
         raise ConfigError(f"model.max_length: {max_length} tokens cut some prompts (chat template, "
                           f"{len(vlm.tokenizer(vlm.image_text)['input_ids'])} image tokens and the question); raise it")
-    return attach_images(ex, task.images, vlm.image_size, vlm.pixels)
+    return attach_images(ex, task.images, vlm.image_size, vlm.pixels, task.columns.get("image_where"))
