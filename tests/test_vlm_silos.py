@@ -77,3 +77,25 @@ def test_hf_dataset_with_image_column(tmp_path):
     ds.save_to_disk(str(tmp_path / "no_image"))  # the column holds strings, not an Image feature
     with pytest.raises(ValueError, match="column 'picture' .* holds no image"):
         load_task("vqa", path=str(tmp_path / "no_image"), image_column="picture")
+
+
+def test_flower_image_silos_equal_in_process(tmp_path):
+    """A real SuperLink and three SuperNodes, each holding only its own images and JSONL: bit-equal to in process."""
+    pytest.importorskip("flwr")
+    from test_flower import Federation, assert_same_run, simulate
+
+    files = write_vqa_silos(tmp_path / "silos")
+    fed = Federation(tmp_path / "fed")
+    try:
+        fed.start_superlink()
+        for i, f in enumerate(files):
+            fed.start(f"supernode{i}", ["supernode", "--partition-id", str(i), "--num-partitions", "3", "--data", f,
+                                        "--superlink", fed.address, "--root-certificates", str(fed.certs["ca"]),
+                                        "--state-dir", str(fed.state_dir), "--threads", "1"])
+        cfg = silo_config(tmp_path, None)
+        cfg["threads"] = 1
+        flower_dir = fed.run(cfg, tmp_path / "flower")
+    finally:
+        fed.stop()
+    assert_same_run(flower_dir, simulate({**cfg, "partition": {**cfg["partition"], "files": files}},
+                                         tmp_path / "sim"))
