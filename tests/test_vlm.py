@@ -74,3 +74,26 @@ def test_image_tokens_carry_no_loss(vqa, family):
     own = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(vlm.model(**batch).loss, own, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-smolvlm"])
+def test_peft_export_round_trips_logits(tmp_path, vqa, family):
+    from peft import PeftModel
+
+    from fedlora.adapters import export_with_meta
+
+    sim = vlm_sim(tmp_path, vqa, family, method={"name": "celora"})  # tri-matrix: C folded into lora_B
+    sim.driver.drive()
+    state = sim.eval_state(1)  # a client's personal model, its projector included
+    assert any(k.startswith(sim.vlm.projector) for k in state) and any(k.endswith(".C") for k in state)
+    out = export_with_meta(state, tmp_path / "peft", sim.adapter_meta())
+    batch = {k: v for k, v in sim.client_test[1].batch(torch.arange(3)).items() if k != "labels"}
+    sim.am.set_state(state)
+    with torch.no_grad():
+        ours = sim.am.model(**batch).logits
+        fresh = load_vlm(family, 0).model  # the same base, rebuilt
+        before = fresh(**batch).logits
+        peft = PeftModel.from_pretrained(fresh, str(out)).eval()
+        theirs = peft(**batch).logits
+    assert not torch.allclose(before, ours, atol=1e-4)  # the adapters and projector changed the model
+    assert torch.allclose(theirs, ours, atol=1e-4)

@@ -93,7 +93,7 @@ def caption_task():
                 {"image": images}, caps)
 
 
-def align_projector(vlm: VisionLanguage, steps: int = 60, batch_size: int = 8, lr: float = 2e-3,
+def align_projector(vlm: VisionLanguage, steps: int = 24, batch_size: int = 8, lr: float = 3e-3,
                     seed: int = 0) -> dict[str, torch.Tensor]:
     """LLaVA's first stage: the projector alone trained on captions (tower and LM frozen)."""
     from .vlm import tokenize_vlm
@@ -122,7 +122,7 @@ def align_projector(vlm: VisionLanguage, steps: int = 60, batch_size: int = 8, l
     return {k: v.detach().clone() for k, v in proj.state_dict().items()}
 
 
-def load_effnet_smollm2(image_size: int = DEFAULT_SIZE, seed: int = 0, steps: int = 60) -> VisionLanguage:
+def load_effnet_smollm2(image_size: int = DEFAULT_SIZE, seed: int = 0, steps: int = 24) -> VisionLanguage:
     """The offline VLM with its aligned projector (aligned on first use, then read from the cache)."""
     from safetensors.torch import load_file, save_file
 
