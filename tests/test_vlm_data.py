@@ -49,3 +49,20 @@ def test_unreadable_image_names_path_and_row(tmp_path, vqa):
         decode_images([vqa.images[0], vqa.images[1], str(bad)], 16)
     with pytest.raises(ValueError, match=r"missing\.png' \(row 1\)"):
         decode_images([str(tmp_path / "missing.png")], 16)
+
+
+@pytest.mark.parametrize("method", ["fedit", "celora"])
+def test_image_classification_on_easy_vqa_images(tmp_path, method):
+    from conftest import make_sim
+
+    sim = make_sim(tmp_path, model={"name": "tiny-vit"}, task={"name": "easy-vqa-shape", "max_examples": 300},
+                   method={"name": method}, partition={"num_clients": 8, "scheme": "natural", "column": "color",
+                                                       "min_partition_size": 2},
+                   train={"local_steps": 2, "batch_size": 8})
+    assert sim.task.label_names == ["circle", "rectangle", "triangle"] and sim.image_classifier is not None
+    batch = sim.client_train[0].batch(torch.arange(2))
+    assert set(batch) == {"pixel_values", "labels"} and batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert all(".attention." in t for t in sim.am.targets) and sim.am.head_modules == ["classifier"]
+    sim.driver.drive()
+    row = sim.history[-1]
+    assert row["round"] == 2 and 0 <= row.get("global_accuracy", row.get("personal_accuracy")) <= 1

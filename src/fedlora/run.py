@@ -41,6 +41,7 @@ from .models import cast_base, default_targets, load_causal_lm, load_classifier,
 from .seeding import rng, torch_generator
 from .trackers import heatmap
 from .train import evaluate, evaluate_lm, generate_answers, score_generations
+from .vision.classifier import image_examples, load_image_classifier
 from .vision.vlm import LM_TARGETS, VisionLanguage, load_vlm, tokenize_vlm
 
 log = logging.getLogger("fedlora")
@@ -84,14 +85,20 @@ class Run:
         # an image task with answers: a vision-language model (its tokenizer knows the image placeholder)
         self.vlm = vlm if vlm is not None else (
             load_vlm(cfg.model.name, cfg.seed) if self.task.images is not None and self.task.causal else None)
+        self.image_classifier = None
         if self.vlm is not None:
             self.tokenizer = self.vlm.tokenizer
+        elif self.task.images is not None:  # image classification: no text, no tokenizer
+            self.image_classifier = load_image_classifier(cfg.model.name, self.task.num_labels, cfg.seed)
+            self.tokenizer = None
         else:
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name)
         if not self.task.texts:  # a server without a test set of its own
             everything = no_examples(self.task.causal)
         elif self.vlm is not None:
             everything = tokenize_vlm(self.vlm, self.task, cfg.model.max_length)
+        elif self.image_classifier is not None:
+            everything = image_examples(self.task, self.image_classifier)
         elif self.task.causal:
             everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
         else:
@@ -133,6 +140,8 @@ class Run:
         a, dtype = cfg.adapter, DTYPES[cfg.model.dtype]
         if model is None and self.vlm is not None:
             model = self.vlm.model
+        elif model is None and self.image_classifier is not None:
+            model = self.image_classifier.model
         elif model is None and self.task.causal:
             model = load_causal_lm(cfg.model.name, cfg.seed, dtype, cfg.model.quantization, self.device)
         elif model is None and cfg.model.quantization is not None:

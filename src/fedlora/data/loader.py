@@ -24,6 +24,7 @@ class Examples:
     image_index: torch.Tensor | None = None
     images: torch.Tensor | None = None
     pixels: Callable[[torch.Tensor], torch.Tensor] | None = None
+    image_only: bool = False  # image classification: batches hold pixel_values and labels, no text
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -33,6 +34,8 @@ class Examples:
         return self.labels.dim() == 2
 
     def batch(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        if self.image_only:
+            return {"pixel_values": self.pixel_values(rows), "labels": self.labels[rows]}
         mask = self.attention_mask[rows]
         width = int(mask.sum(1).max())
         labels = self.labels[rows, :width] if self.causal else self.labels[rows]
@@ -50,7 +53,8 @@ class Examples:
         r = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
         return Examples(self.input_ids[r], self.attention_mask[r], self.labels[r],
                         None if self.prompt_len is None else self.prompt_len[r],
-                        None if self.image_index is None else self.image_index[r], self.images, self.pixels)
+                        None if self.image_index is None else self.image_index[r], self.images, self.pixels,
+                        self.image_only)
 
     def head(self, n: int | None) -> Examples:
         return self if n is None or n >= len(self) else self.subset(slice(0, n))
@@ -99,10 +103,10 @@ def concat(parts: list[Examples]) -> Examples:
 
 def _concat_images(parts: list[Examples]) -> tuple:
     if parts[0].images is None:
-        return None, None, None
+        return None, None, None, False
     if any(p.images is not parts[0].images for p in parts):  # subsets of one set share its images
         raise ValueError("concat: image examples must share one image store")
-    return torch.cat([p.image_index for p in parts]), parts[0].images, parts[0].pixels
+    return torch.cat([p.image_index for p in parts]), parts[0].images, parts[0].pixels, parts[0].image_only
 
 
 class BatchStream:

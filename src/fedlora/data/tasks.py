@@ -201,6 +201,29 @@ def easy_vqa(split: str = "train", **_) -> Task:
                   {"qtype": [question_type(a) for a in answers], "image": images}, targets=answers)
 
 
+def easy_vqa_image_labels(split: str = "train") -> dict[str, tuple[str, str]]:
+    """Each easy-VQA image's (colour, shape), read off its "what shape" / "what color" questions' answers."""
+    t = easy_vqa(split=split)
+    shape, color = {}, {}
+    for a, kind, img in zip(t.targets, t.columns["qtype"], t.images, strict=True):
+        (shape if kind == "shape" else color if kind == "color" else {}).setdefault(img, a)
+    return {img: (color[img], shape[img]) for img in sorted(set(shape) & set(color))}
+
+
+@register("easy-vqa-shape", "easy-VQA's images, classified by shape (3 classes; image classification)")
+def easy_vqa_shape(**_) -> Task:
+    labels = easy_vqa_image_labels()
+    return encode("easy-vqa-shape", [""] * len(labels), [s for _, s in labels.values()],
+                  {"image": list(labels), "color": [c for c, _ in labels.values()]})
+
+
+@register("easy-vqa-color", "easy-VQA's images, classified by colour (8 classes; image classification)")
+def easy_vqa_color(**_) -> Task:
+    labels = easy_vqa_image_labels()
+    return encode("easy-vqa-color", [""] * len(labels), [c for c, _ in labels.values()],
+                  {"image": list(labels), "shape": [s for _, s in labels.values()]})
+
+
 FILE_TASKS = {"csv": "csv", "jsonl": "jsonl", "file": None, "instructions": None, "hf": None}
 
 

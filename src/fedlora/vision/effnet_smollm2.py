@@ -78,19 +78,12 @@ def build_effnet_smollm2(image_size: int = DEFAULT_SIZE, seed: int = 0) -> Visio
 
 def caption_task():
     """Captions of easy-VQA's test images ("a blue circle"), read off their questions: the alignment data."""
-    from ..data.tasks import Task, easy_vqa
+    from ..data.tasks import Task, easy_vqa_image_labels
 
-    test = easy_vqa(split="test")
-    shape, color = {}, {}
-    for q, a, img in zip(test.texts, test.targets, test.images, strict=True):
-        if q.startswith("what is the") and "shape" in q and a in ("circle", "rectangle", "triangle"):
-            shape.setdefault(img, a)
-        elif q.startswith("what color"):
-            color.setdefault(img, a)
-    images = sorted(set(shape) & set(color))
-    caps = [f"a {color[i]} {shape[i]}" for i in images]
-    return Task("easy-vqa-captions", ["Describe the image."] * len(images), [0] * len(images), ["caption"],
-                {"image": images}, caps)
+    labels = easy_vqa_image_labels("test")
+    caps = [f"a {c} {s}" for c, s in labels.values()]
+    return Task("easy-vqa-captions", ["Describe the image."] * len(caps), [0] * len(caps), ["caption"],
+                {"image": list(labels)}, caps)
 
 
 def align_projector(vlm: VisionLanguage, steps: int = 24, batch_size: int = 8, lr: float = 3e-3,
