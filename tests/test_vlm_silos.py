@@ -49,6 +49,9 @@ def test_jsonl_silos_in_process(tmp_path):
     assert sim.vlm is not None and len(sim.client_train[0].images) == len({*sim.task.images})
     sim.driver.drive()
     assert sim.history[-1]["round"] == 2 and sim.history[0]["up_raw_other"] > 0  # the descriptor, counted
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples_round_2.jsonl").read_text().splitlines()]
+    assert samples and all(Path(s["image"]).is_file() and str(tmp_path / "silos") in s["image"] for s in samples)
+    assert (tmp_path / "run" / "vqa_samples_round_2.png").stat().st_size > 1000  # the picture of the answers
 
 
 def test_missing_image_names_path_and_line(tmp_path):

@@ -217,12 +217,23 @@ class Run:
         m = evaluate_lm(self.am, data, bs)
         if generate and prompts is not None:
             gen = generate_answers(self.am, self.tokenizer, prompts, self.cfg.eval.max_new_tokens)
+            for g in gen:  # a VLM's answers name their image (the report draws them)
+                if "image_slot" in g:
+                    g["image"] = self.image_files[g.pop("image_slot")]
             m |= score_generations(gen)
             refs, answers = [s["reference"] for s in gen], [s["answer"] for s in gen]
             m |= {name: float(fn(refs, answers)) for name, fn in self.metric_fns}
             if samples is not None:
                 samples.extend(gen)
         return m
+
+    @cached_property
+    def image_files(self) -> list:
+        """The image of each slot of the decoded image store (first-occurrence order, as `decode_images` fills it);
+        an in-memory image (a dataset's Image feature) is named by its path or its slot."""
+        seen = dict.fromkeys(p if isinstance(p, str) else (p.get("path") or f"#{i}") for i, p in
+                             enumerate(self.task.images or []))
+        return list(seen)
 
     @cached_property
     def eval_order(self) -> np.ndarray:

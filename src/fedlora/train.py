@@ -247,7 +247,8 @@ def generate_answers(am: AdaptedModel, tokenizer, data: Examples, max_new_tokens
                                     **images).cpu()
         for j, r in enumerate(rows):
             ref = data.labels[r][data.labels[r] != -100]
-            out.append({"row": r, "prompt": tokenizer.decode(prompts[j], skip_special_tokens=True),
+            image = {} if data.image_index is None else {"image_slot": int(data.image_index[r])}
+            out.append({**image, "prompt": tokenizer.decode(prompts[j], skip_special_tokens=True),
                         "answer": tokenizer.decode(gen[j, width:], skip_special_tokens=True).strip(),
                         "reference": tokenizer.decode(ref, skip_special_tokens=True).strip()})
     return out
