@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedlora-installed
 
-.PHONY: install test lint demo demo-llm clean
+.PHONY: install test lint demo demo-llm demo-vlm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: $(STAMP)
 # SmolLM2-135M on chatterbot QA, 6 category clients: FedIT vs CE-LoRA (first run converts the GGUF once)
 demo-llm: $(STAMP)
 	$(VENV)/bin/fedlora demo --config src/fedlora/configs/demo_llm.yaml --methods fedit,celora
+
+# effnet-smollm2 (EfficientNet-Lite0 + SmolLM2-135M) on easy-VQA, a client per question type: FedIT vs CE-LoRA vs
+# local-only (the first run converts the GGUF and aligns the projector once, both cached)
+demo-vlm: $(STAMP)
+	$(VENV)/bin/fedlora demo --config src/fedlora/configs/demo_vlm.yaml --methods fedit,celora,local
 
 clean:
 	rm -rf $(VENV) runs compare

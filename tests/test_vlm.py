@@ -97,3 +97,20 @@ def test_peft_export_round_trips_logits(tmp_path, vqa, family):
         theirs = peft(**batch).logits
     assert not torch.allclose(before, ours, atol=1e-4)  # the adapters and projector changed the model
     assert torch.allclose(theirs, ours, atol=1e-4)
+
+
+def test_assembled_vlm_is_smollm2_on_text():
+    """effnet-smollm2 without adapters, on text alone, computes SmolLM2's logits (one added vocabulary row aside)."""
+    from fedlora.models import load_causal_lm
+    from fedlora.vision.effnet_smollm2 import build_effnet_smollm2
+
+    vlm, lm = build_effnet_smollm2(64), load_causal_lm("smollm2", 0)
+    ids = vlm.tokenizer(["What is the capital of France?", "Name a colour."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours, theirs = vlm.model(**ids).logits, lm(**ids).logits
+    assert ours.shape[-1] == theirs.shape[-1] + 1  # the <image> token
+    assert torch.allclose(ours[..., :-1], theirs, atol=1e-4, rtol=0)
+    assert torch.equal(ours[..., :-1].argmax(-1), theirs.argmax(-1))
+    out = vlm.model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, lm.generate(**ids, max_new_tokens=5, do_sample=False))
+    assert vlm.image_text.count("<image>") == 4  # 64 px: a 2×2 feature map

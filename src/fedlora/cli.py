@@ -233,11 +233,39 @@ def demo(config: Path = typer.Option(Path(__file__).parent / "configs" / "demo.y
             better = sum(a < b for a, b in zip(after, before, strict=True))
             console.print(f"{s['method']}: personalized perplexity {s['baseline']['personal_perplexity']:.2f} "
                           f"(base model) -> {s['personal_perplexity']:.2f}; lower on {better}/{len(before)} clients")
+    if any("personal_exact_match" in s or "global_exact_match" in s for s in rows) and cfg.task.name in (
+            "easy-vqa", "vqa"):
+        vqa_table(rows)
     samples = Path(rows[-1]["run_dir"]).glob("samples_round_*.jsonl")
     for path in sorted(samples)[-1:]:
         first = json.loads(path.read_text().splitlines()[0])
         console.print(f"sample answer ({rows[-1]['method']}): Q: {first['prompt'].splitlines()[-2]!r}\n"
                       f"  A: {first['answer']!r}\n  reference: {first['reference']!r}", soft_wrap=True)
+
+
+def vqa_table(rows: list[dict]) -> None:
+    """A VLM demo's table: VQA accuracy (exact match of the greedy answer) of the starting model and of each
+    method, personalized and global, with the bytes sent; and each run's picture of its last answers."""
+    from rich.table import Table
+
+    from .vision.grid import run_grid
+
+    table = Table(title="VQA accuracy (exact match of the generated answer)")
+    for col in ("model", "personalized", "global", "uplink MB", "picture"):
+        table.add_column(col)
+
+    def fmt(x) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    base = next((s["baseline"] for s in rows if "baseline" in s), None)
+    if base:
+        table.add_row("starting model", fmt(base.get("personal_exact_match")), fmt(base.get("global_exact_match")),
+                      "0", "")
+    for s in rows:
+        pic = run_grid(s["run_dir"])
+        table.add_row(s["method"], fmt(s.get("personal_exact_match")), fmt(s.get("global_exact_match")),
+                      f"{s.get('up_raw', 0) / 1e6:.2f}", str(pic or ""))
+    console.print(table)
 
 
 @app.command()

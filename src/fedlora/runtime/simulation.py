@@ -136,7 +136,7 @@ class Simulation(Run):
         random.setstate(ck["rng"]["python"])
 
     def evaluate_now(self) -> dict:
-        return self.evaluate()
+        return self.evaluate(generate=self.vlm is not None)  # a VLM's starting VQA accuracy needs its answers
 
     def final_models(self) -> tuple[dict[str, torch.Tensor] | None, Iterable[tuple[int, dict[str, torch.Tensor]]]]:
         return (self.eval_state(0) if self.single_model() else None,
