@@ -102,3 +102,23 @@ def test_flower_image_silos_equal_in_process(tmp_path):
         fed.stop()
     assert_same_run(flower_dir, simulate({**cfg, "partition": {**cfg["partition"], "files": files}},
                                          tmp_path / "sim"))
+
+
+def test_python_api_takes_a_vlm_object_and_its_processor(tmp_path):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    import fedlora
+    from fedlora.vision.vlm import load_vlm
+
+    vlm = load_vlm("tiny-llava", 0)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=vlm.tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               image_token="<image>", num_additional_image_tokens=1,  # CLIP's CLS
+                               chat_template=vlm.tokenizer.chat_template)
+    files = write_vqa_silos(tmp_path / "silos", per_client=8)
+    result = fedlora.federate(model=vlm.model, processor=processor, clients=files, method="fedit",
+                              run_dir=tmp_path / "run", federation={"rounds": 1}, eval=EVAL,
+                              config={"model": {"max_length": 80}}, train={"local_steps": 1, "batch_size": 4})
+    assert any(k.endswith(".A") and "language_model" in k for k in result.adapters[0])
+    assert any(k.startswith("model.multi_modal_projector") for k in result.adapters[0])
