@@ -254,12 +254,17 @@ def generate_answers(am: AdaptedModel, tokenizer, data: Examples, max_new_tokens
     return out
 
 
+def normalise_answer(text: str) -> str:
+    """Lower case, spaces collapsed, end punctuation dropped: "Circle." and "circle" are the same answer."""
+    return " ".join(text.lower().split()).strip(" .!?,;:")
+
+
 def score_generations(samples: list[dict[str, str]]) -> dict[str, float]:
-    """ROUGE-L F1 (rouge-score) and exact match (case- and space-insensitive) against the references."""
+    """ROUGE-L F1 (rouge-score) and exact match (`normalise_answer`; a VLM's VQA accuracy) against the references."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(s["reference"], s["answer"])["rougeL"].fmeasure for s in samples]
-    em = [" ".join(s["answer"].lower().split()) == " ".join(s["reference"].lower().split()) for s in samples]
+    em = [normalise_answer(s["answer"]) == normalise_answer(s["reference"]) for s in samples]
     n = max(1, len(samples))
     return {"rouge_l": sum(rouge) / n, "exact_match": sum(em) / n}

@@ -15,6 +15,8 @@ def sample_grid(samples: list[dict], out: str | Path, columns: int = 4, title: s
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    from ..train import normalise_answer
+
     shown = [s for s in samples if isinstance(s.get("image"), str) and Path(s["image"]).is_file()][: 4 * columns]
     if not shown:
         return None
@@ -26,7 +28,7 @@ def sample_grid(samples: list[dict], out: str | Path, columns: int = 4, title: s
         with Image.open(s["image"]) as img:
             ax.imshow(img.convert("RGB"))
         question = s["prompt"].strip().splitlines()[-1] if s["prompt"].strip() else ""
-        ok = " ".join(s["answer"].lower().split()) == " ".join(s["reference"].lower().split())
+        ok = normalise_answer(s["answer"]) == normalise_answer(s["reference"])
         label = f"Q: {question}\nref: {s['reference']}\nans: {s['answer'][:30]}" + (" ✓" if ok else " ✗")
         ax.set_title("\n".join(textwrap.fill(x, 34) for x in label.splitlines()), fontsize=8,
                      color="darkgreen" if ok else "darkred")
