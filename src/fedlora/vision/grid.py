@@ -27,7 +27,8 @@ def sample_grid(samples: list[dict], out: str | Path, columns: int = 4, title: s
     for ax, s in zip(axes.flat, shown, strict=False):
         with Image.open(s["image"]) as img:
             ax.imshow(img.convert("RGB"))
-        question = s["prompt"].strip().splitlines()[-1] if s["prompt"].strip() else ""
+        lines = [x for x in s["prompt"].splitlines() if x.strip() and x.strip() not in ("assistant", "user", "system")]
+        question = lines[-1] if lines else ""  # the chat template's last user line
         ok = normalise_answer(s["answer"]) == normalise_answer(s["reference"])
         label = f"Q: {question}\nref: {s['reference']}\nans: {s['answer'][:30]}" + (" ✓" if ok else " ✗")
         ax.set_title("\n".join(textwrap.fill(x, 34) for x in label.splitlines()), fontsize=8,
