@@ -78,7 +78,8 @@ def _base_config(config: dict | str | Path | None, overrides: dict) -> dict:
 def federate(model: str | nn.Module = "minilm", tokenizer: Any = None, clients: list | None = None,
              dataset: Any = None, partition: dict | None = None, method: str = "celora",
              config: dict | str | Path | None = None, metrics: dict[str, Callable[..., float]] | None = None,
-             columns: dict | None = None, run_dir: str | Path | None = None, **overrides: Any) -> FederationResult:
+             columns: dict | None = None, run_dir: str | Path | None = None, processor: Any = None,
+             **overrides: Any) -> FederationResult:
     """Run one federation in-process and return its summary and per-client adapters.
 
     model: a name (`minilm`, a folder, a hub id) or a loaded `nn.Module` (adapters are injected into it, in
@@ -87,12 +88,16 @@ def federate(model: str | nn.Module = "minilm", tokenizer: Any = None, clients: 
       "scheme": "dirichlet", "alpha": 0.3}).
     metrics: {name: fn(y_true, y_pred)} added to the evaluation (columns global_<name>, personal_<name>).
     columns: column mapping for the sources (text_column, label_column, instruction_column, ..., split).
+    processor: with a vision-language `model` object, its `AutoProcessor`; the sources are then image-question
+      data (a JSONL of image, question, answer, or a dataset with an `Image` column: `columns` may set
+      image_column, question_column, answer_column).
     """
     from .runtime.simulation import Simulation
 
     if isinstance(model, nn.Module):
-        if tokenizer is None:
-            raise ValueError("tokenizer: required when model is an nn.Module")
+        if tokenizer is None and processor is None:
+            raise ValueError("tokenizer (or, for a vision-language model, processor): required when model is an "
+                             "nn.Module")
         if any(isinstance(m, LowRankLinear) for m in model.modules()):
             raise ValueError("model: already holds fedlora adapters (from an earlier federate call): pass a fresh one")
     if (clients is None) == (dataset is None):
@@ -100,6 +105,17 @@ def federate(model: str | nn.Module = "minilm", tokenizer: Any = None, clients: 
     if clients is not None and partition and "num_clients" in partition and partition["num_clients"] != len(clients):
         raise ValueError(f"partition.num_clients is {partition['num_clients']} but {len(clients)} clients were given")
     columns = dict(columns or {})
+    vlm = None
+    if processor is not None:
+        from .data.source import load_vqa_source
+        from .vision.vlm import from_processor
+
+        if not isinstance(model, nn.Module):
+            raise ValueError("processor: pass it with a model object (a name loads its own processor)")
+        vlm = from_processor(model, processor, type(model).__name__)
+        sources = clients if clients is not None else [dataset]
+        tasks = [load_vqa_source(s, **columns) for s in sources]
+        columns, tokenizer = {}, vlm.tokenizer
     unknown = sorted(set(columns) - set(SOURCE_OPTIONS))
     if unknown:
         raise ValueError(f"columns: unknown option(s) {unknown} (known: {', '.join(SOURCE_OPTIONS)})")
@@ -107,8 +123,9 @@ def federate(model: str | nn.Module = "minilm", tokenizer: Any = None, clients: 
         register_metric(name, fn)
 
     sources = clients if clients is not None else [dataset]
-    tasks = [load_task_source(s, name=f"client{i}" if clients is not None else None, **columns)
-             for i, s in enumerate(sources)]
+    if vlm is None:
+        tasks = [load_task_source(s, name=f"client{i}" if clients is not None else None, **columns)
+                 for i, s in enumerate(sources)]
     task: Task = merge_tasks(tasks) if clients is not None else tasks[0]
     task.name = "clients" if clients is not None else task.name
 
@@ -132,7 +149,7 @@ def federate(model: str | nn.Module = "minilm", tokenizer: Any = None, clients: 
         split = split_clients(task.columns["client"], len(clients), p.global_test_fraction, p.client_test_fraction,
                               p.client_val_fraction, cfg.seed)
     sim = Simulation(cfg, run_dir, task=task, split=split, model=model if isinstance(model, nn.Module) else None,
-                     tokenizer=tokenizer)
+                     tokenizer=tokenizer, vlm=vlm)
     summary = sim.run()
     summary["run_dir"] = str(sim.run_dir)
     adapters = {cid: {k: v.detach().clone() for k, v in sim.eval_state(cid).items()} for cid in range(sim.num_clients)}

@@ -222,24 +222,54 @@ def demo(config: Path = typer.Option(Path(__file__).parent / "configs" / "demo.y
 
     _quiet_libraries()
     rows, cfg = [], None
-    for m in methods.split(","):
-        cfg = _guard(load_config, config, [*set_, f"method.name={m}", f"name={_config_name(config)}-{m}"])
+    for i, m in enumerate(methods.split(",")):
+        once = ["eval.baseline=false"] if i else []  # the base model (ΔW = 0) is the same for every method
+        cfg = _guard(load_config, config, [*set_, *once, f"method.name={m}", f"name={_config_name(config)}-{m}"])
         rows.append(_guard(run_with_progress, cfg))
     console.print(summary_table(rows, title=f"{cfg.name.rsplit('-', 1)[0]}: {cfg.task.name}, {cfg.model.name}, "
                                             f"{cfg.partition.num_clients} clients, {cfg.partition.scheme}"))
     if cfg.task.name == "rt-sentiment":
         console.print("majority-class accuracy on rt-sentiment: 0.578 (fresh)")
+    base = next((s["baseline"] for s in rows if "baseline" in s), {})  # measured once, with the first method
     for s in rows:
-        if "client_perplexity" in s.get("baseline", {}):
-            before, after = s["baseline"]["client_perplexity"], s["client_perplexity"]
+        if "client_perplexity" in base and "client_perplexity" in s:
+            before, after = base["client_perplexity"], s["client_perplexity"]
             better = sum(a < b for a, b in zip(after, before, strict=True))
-            console.print(f"{s['method']}: personalized perplexity {s['baseline']['personal_perplexity']:.2f} "
+            console.print(f"{s['method']}: personalized perplexity {base['personal_perplexity']:.2f} "
                           f"(base model) -> {s['personal_perplexity']:.2f}; lower on {better}/{len(before)} clients")
+    if any("personal_exact_match" in s or "global_exact_match" in s for s in rows) and cfg.task.name in (
+            "easy-vqa", "vqa"):
+        vqa_table(rows)
     samples = Path(rows[-1]["run_dir"]).glob("samples_round_*.jsonl")
     for path in sorted(samples)[-1:]:
         first = json.loads(path.read_text().splitlines()[0])
         console.print(f"sample answer ({rows[-1]['method']}): Q: {first['prompt'].splitlines()[-2]!r}\n"
                       f"  A: {first['answer']!r}\n  reference: {first['reference']!r}", soft_wrap=True)
+
+
+def vqa_table(rows: list[dict]) -> None:
+    """A VLM demo's table: VQA accuracy (exact match of the greedy answer) of the starting model and of each
+    method, personalized and global, with the bytes sent; and each run's picture of its last answers."""
+    from rich.table import Table
+
+    from .vision.grid import run_grid
+
+    table = Table(title="VQA accuracy (exact match of the generated answer)")
+    for col in ("model", "personalized", "global", "uplink MB", "picture"):
+        table.add_column(col)
+
+    def fmt(x) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    base = next((s["baseline"] for s in rows if "baseline" in s), None)
+    if base:
+        table.add_row("starting model", fmt(base.get("personal_exact_match")), fmt(base.get("global_exact_match")),
+                      "0", "")
+    for s in rows:
+        pic = run_grid(s["run_dir"])
+        table.add_row(s["method"], fmt(s.get("personal_exact_match")), fmt(s.get("global_exact_match")),
+                      f"{s.get('up_raw', 0) / 1e6:.2f}", str(pic or ""))
+    console.print(table)
 
 
 @app.command()

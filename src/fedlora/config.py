@@ -34,7 +34,7 @@ class TaskConfig(_Section):
     # registered task name (see `fedlora tasks`); or your data with `path`: "csv" / "jsonl" (the format, whatever
     # the suffix), "file" (format by suffix), "instructions" (JSONL instructions), "hf" (a `datasets` hub id or
     # folder, a save_to_disk folder, a parquet / arrow / json / csv file)
-    name: str = "rt-sentiment"
+    name: str = "rt-sentiment"  # also "vqa": images + questions + answers (JSONL + image files, or an hf dataset)
     path: str | None = None
     split: str | None = None  # hf: the dataset split (None: "train", or the only one)
     kind: Literal["auto", "classification", "instructions"] = "auto"  # auto: instructions if those columns exist
@@ -44,6 +44,7 @@ class TaskConfig(_Section):
     input_column: str = "input"
     output_column: str = "output"
     category_column: str = "category"  # the label of an instruction (natural clients, Dirichlet)
+    image_column: str = "image"  # vqa: the image (a path relative to the JSONL file, or an `Image` feature)
     min_examples_per_label: int | None = Field(None, gt=0)  # refuse rarer labels (None: warn about singletons)
     max_examples: int | None = Field(None, gt=0)  # subsample the whole task (seeded), for quick runs
     max_per_class: int | None = Field(None, gt=0)  # cap examples per label (healthtweets: 500 per outlet)

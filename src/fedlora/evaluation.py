@@ -163,6 +163,11 @@ def write_samples(run_dir: Path, t: int, samples: dict[str, list[dict]]) -> None
         for who, rows in samples.items():
             for r in rows[:SAMPLES_PER_MODEL]:
                 f.write(json.dumps({"model": who, **r}) + "\n")
+    shown = [{"model": who, **r} for who, rows in samples.items() for r in rows[:2]]
+    if any("image" in r for r in shown):  # a VLM: the answers as a picture, images with question and answer
+        from .vision.grid import sample_grid
+
+        sample_grid(shown, run_dir / f"vqa_samples_round_{t}.png", title=f"round {t}")
 
 
 def best_round(run: Run, history: list[dict]) -> dict:

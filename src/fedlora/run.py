@@ -41,6 +41,8 @@ from .models import cast_base, default_targets, load_causal_lm, load_classifier,
 from .seeding import rng, torch_generator
 from .trackers import heatmap
 from .train import evaluate, evaluate_lm, generate_answers, score_generations
+from .vision.classifier import image_examples, load_image_classifier
+from .vision.vlm import LM_TARGETS, VisionLanguage, load_vlm, tokenize_vlm
 
 log = logging.getLogger("fedlora")
 
@@ -51,11 +53,11 @@ class Run:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, silos: dict[int, Silo] | None = None,
                  label_names: list[str] | None = None, *, task: Task | None = None, split: Split | None = None,
-                 model: torch.nn.Module | None = None, tokenizer=None):
+                 model: torch.nn.Module | None = None, tokenizer=None, vlm: VisionLanguage | None = None):
         """`silos` (`partition.scheme: files` only): the clients whose own files this process reads (a Flower node:
         its own; a Flower server: none), default every client's `partition.files`; `label_names`: the run's label
         space, default task.labels or the union of the files' labels. `task`, `split`, `model` and `tokenizer`
-        replace what `cfg` names (the Python API passes objects)."""
+        replace what `cfg` names (the Python API passes objects); `vlm` a vision-language model for an image task."""
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.output.dir) / cfg.name
         if cfg.threads:
@@ -80,9 +82,23 @@ class Run:
             self.task = task if task is not None else task_from_config(cfg.task, data_seed)
             self.split = split if split is not None else split_task(self.task, cfg.partition, data_seed)
             self.local_clients = list(range(cfg.partition.num_clients))
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name)
+        # an image task with answers: a vision-language model (its tokenizer knows the image placeholder)
+        self.vlm = vlm if vlm is not None else (
+            load_vlm(cfg.model.name, cfg.seed) if self.task.images is not None and self.task.causal else None)
+        self.image_classifier = None
+        if self.vlm is not None:
+            self.tokenizer = self.vlm.tokenizer
+        elif self.task.images is not None:  # image classification: no text, no tokenizer
+            self.image_classifier = load_image_classifier(cfg.model.name, self.task.num_labels, cfg.seed)
+            self.tokenizer = None
+        else:
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name)
         if not self.task.texts:  # a server without a test set of its own
             everything = no_examples(self.task.causal)
+        elif self.vlm is not None:
+            everything = tokenize_vlm(self.vlm, self.task, cfg.model.max_length)
+        elif self.image_classifier is not None:
+            everything = image_examples(self.task, self.image_classifier)
         elif self.task.causal:
             everything = tokenize_causal(self.tokenizer, self.task.texts, self.task.targets, cfg.model.max_length)
         else:
@@ -122,7 +138,11 @@ class Run:
 
         # one base model, adapters injected once
         a, dtype = cfg.adapter, DTYPES[cfg.model.dtype]
-        if model is None and self.task.causal:
+        if model is None and self.vlm is not None:
+            model = self.vlm.model
+        elif model is None and self.image_classifier is not None:
+            model = self.image_classifier.model
+        elif model is None and self.task.causal:
             model = load_causal_lm(cfg.model.name, cfg.seed, dtype, cfg.model.quantization, self.device)
         elif model is None and cfg.model.quantization is not None:
             raise ConfigError(f"model.quantization is for causal LMs; task '{self.task.name}' is a classification task")
@@ -134,8 +154,12 @@ class Run:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # heterogeneous ranks: layers at the largest rank, the scale alpha / adapter.r on every client
-        self.am = inject_adapters(model, a.target_modules or default_targets(model), max(self.method.ranks), a.alpha,
-                                  a.dropout, tri=self.method.tri, head_modules=a.head_modules, scale=a.alpha / a.r,
+        # a VLM: adapters on its language model, its projector the trained "head" factor (method.head: shared /
+        # personal; adapter.head_modules: [] freezes it), the vision tower frozen
+        targets = a.target_modules or (LM_TARGETS if self.vlm is not None else default_targets(model))
+        heads = a.head_modules if a.head_modules is not None or self.vlm is None else [self.vlm.projector]
+        self.am = inject_adapters(model, targets if isinstance(targets, list) else [targets], max(self.method.ranks),
+                                  a.alpha, a.dropout, tri=self.method.tri, head_modules=heads, scale=a.alpha / a.r,
                                   full_update=self.method.full_update, dual=self.method.dual,
                                   generator=torch_generator("adapter_init", cfg.seed, 1))
         self.am.precision = cfg.precision
@@ -193,12 +217,23 @@ class Run:
         m = evaluate_lm(self.am, data, bs)
         if generate and prompts is not None:
             gen = generate_answers(self.am, self.tokenizer, prompts, self.cfg.eval.max_new_tokens)
+            for g in gen:  # a VLM's answers name their image (the report draws them)
+                if "image_slot" in g:
+                    g["image"] = self.image_files[g.pop("image_slot")]
             m |= score_generations(gen)
             refs, answers = [s["reference"] for s in gen], [s["answer"] for s in gen]
             m |= {name: float(fn(refs, answers)) for name, fn in self.metric_fns}
             if samples is not None:
                 samples.extend(gen)
         return m
+
+    @cached_property
+    def image_files(self) -> list:
+        """The image of each slot of the decoded image store (first-occurrence order, as `decode_images` fills it);
+        an in-memory image (a dataset's Image feature) is named by its path or its slot."""
+        seen = dict.fromkeys(p if isinstance(p, str) else (p.get("path") or f"#{i}") for i, p in
+                             enumerate(self.task.images or []))
+        return list(seen)
 
     @cached_property
     def eval_order(self) -> np.ndarray:
@@ -270,4 +305,5 @@ class Run:
                 "tri": self.am.tri, "model": self.cfg.model.name,
                 "num_labels": self.task.num_labels, "label_names": self.task.label_names,
                 "num_clients": self.num_clients, "method": self.method.name,
-                "task_type": "CAUSAL_LM" if self.task.causal else "SEQ_CLS"}
+                "task_type": "CAUSAL_LM" if self.task.causal else "SEQ_CLS",
+                **({"vlm": True, "image_size": self.vlm.image_size} if self.vlm is not None else {})}

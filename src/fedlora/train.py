@@ -216,7 +216,7 @@ def evaluate_lm(am: AdaptedModel, data: Examples, batch_size: int = 16) -> dict[
             target = b["labels"][:, 1:]
             tokens += int((target != -100).sum())
             b = to_device(b, device)
-            logits = am.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits = am.model(**{k: v for k, v in b.items() if k != "labels"}).logits  # + pixel_values (VLM)
             loss_sum += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                           b["labels"][:, 1:].reshape(-1), ignore_index=-100,
                                                           reduction="sum")
@@ -239,23 +239,32 @@ def generate_answers(am: AdaptedModel, tokenizer, data: Examples, max_new_tokens
         mask = torch.zeros_like(ids)
         for j, p in enumerate(prompts):
             ids[j, width - len(p):], mask[j, width - len(p):] = p, 1
+        images = {} if data.images is None else {
+            "pixel_values": data.pixel_values(torch.as_tensor(list(rows), dtype=torch.long)).to(am.device)}
         with am.merged(), autocast(am.device, am.precision):
             gen = am.model.generate(input_ids=ids.to(am.device), attention_mask=mask.to(am.device),
-                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id).cpu()
+                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                    **images).cpu()
         for j, r in enumerate(rows):
             ref = data.labels[r][data.labels[r] != -100]
-            out.append({"prompt": tokenizer.decode(prompts[j], skip_special_tokens=True),
+            image = {} if data.image_index is None else {"image_slot": int(data.image_index[r])}
+            out.append({**image, "prompt": tokenizer.decode(prompts[j], skip_special_tokens=True),
                         "answer": tokenizer.decode(gen[j, width:], skip_special_tokens=True).strip(),
                         "reference": tokenizer.decode(ref, skip_special_tokens=True).strip()})
     return out
 
 
+def normalise_answer(text: str) -> str:
+    """Lower case, spaces collapsed, end punctuation dropped: "Circle." and "circle" are the same answer."""
+    return " ".join(text.lower().split()).strip(" .!?,;:")
+
+
 def score_generations(samples: list[dict[str, str]]) -> dict[str, float]:
-    """ROUGE-L F1 (rouge-score) and exact match (case- and space-insensitive) against the references."""
+    """ROUGE-L F1 (rouge-score) and exact match (`normalise_answer`; a VLM's VQA accuracy) against the references."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(s["reference"], s["answer"])["rougeL"].fmeasure for s in samples]
-    em = [" ".join(s["answer"].lower().split()) == " ".join(s["reference"].lower().split()) for s in samples]
+    em = [normalise_answer(s["answer"]) == normalise_answer(s["reference"]) for s in samples]
     n = max(1, len(samples))
     return {"rouge_l": sum(rouge) / n, "exact_match": sum(em) / n}

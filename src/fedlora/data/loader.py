@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,12 @@ class Examples:
     attention_mask: torch.Tensor  # (n, L)
     labels: torch.Tensor  # (n,) class ids; or (n, L) token targets for a causal LM, -100 where masked
     prompt_len: torch.Tensor | None = None  # (n,) causal LM: tokens before the answer
+    # image tasks: row -> index into `images`, uint8 (m, 3, S, S) decoded and resized once and shared by every
+    # subset (never copied per client or per step); `pixels` turns a batch of them into the model's pixel_values
+    image_index: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    pixels: Callable[[torch.Tensor], torch.Tensor] | None = None
+    image_only: bool = False  # image classification: batches hold pixel_values and labels, no text
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -27,15 +34,27 @@ class Examples:
         return self.labels.dim() == 2
 
     def batch(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        if self.image_only:
+            return {"pixel_values": self.pixel_values(rows), "labels": self.labels[rows]}
         mask = self.attention_mask[rows]
         width = int(mask.sum(1).max())
         labels = self.labels[rows, :width] if self.causal else self.labels[rows]
-        return {"input_ids": self.input_ids[rows, :width], "attention_mask": mask[:, :width], "labels": labels}
+        out = {"input_ids": self.input_ids[rows, :width], "attention_mask": mask[:, :width], "labels": labels}
+        if self.images is not None:
+            out["pixel_values"] = self.pixel_values(rows)
+        return out
+
+    def pixel_values(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The model's pixel_values of these rows' images (normalized from the shared uint8 images)."""
+        assert self.images is not None and self.image_index is not None and self.pixels is not None
+        return self.pixels(self.images[self.image_index[rows]])
 
     def subset(self, rows: np.ndarray | slice) -> Examples:
         r = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
         return Examples(self.input_ids[r], self.attention_mask[r], self.labels[r],
-                        None if self.prompt_len is None else self.prompt_len[r])
+                        None if self.prompt_len is None else self.prompt_len[r],
+                        None if self.image_index is None else self.image_index[r], self.images, self.pixels,
+                        self.image_only)
 
     def head(self, n: int | None) -> Examples:
         return self if n is None or n >= len(self) else self.subset(slice(0, n))
@@ -78,7 +97,16 @@ def concat(parts: list[Examples]) -> Examples:
     return Examples(torch.cat([pad(p.input_ids, 0) for p in parts]),
                     torch.cat([pad(p.attention_mask, 0) for p in parts]),
                     torch.cat([pad(p.labels, -100) if causal else p.labels for p in parts]),
-                    torch.cat([p.prompt_len for p in parts]) if causal else None)
+                    torch.cat([p.prompt_len for p in parts]) if causal else None,
+                    *_concat_images(parts))
+
+
+def _concat_images(parts: list[Examples]) -> tuple:
+    if parts[0].images is None:
+        return None, None, None, False
+    if any(p.images is not parts[0].images for p in parts):  # subsets of one set share its images
+        raise ValueError("concat: image examples must share one image store")
+    return torch.cat([p.image_index for p in parts]), parts[0].images, parts[0].pixels, parts[0].image_only
 
 
 class BatchStream:

@@ -40,6 +40,15 @@ class Silo:
 def load_local(path: str, task: TaskConfig) -> Task:
     """Read one client's (or the server's) own file: CSV / JSONL / JSON / parquet / arrow, an instructions file, or
     a saved Hugging Face dataset folder, through the loader `task.name: hf` uses (data/source.py)."""
+    if task.name == "vqa":  # a silo's own images: a JSONL of image, question, answer (or an hf dataset folder)
+        from .source import load_vqa_source
+        from .tasks import vqa_options
+
+        if not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        opts = vqa_options({"image_column": task.image_column, "output_column": task.output_column,
+                            "category_column": task.category_column}, task.text_column)
+        return load_vqa_source(str(Path(path).expanduser()), **opts)
     if task.name not in FILE_TASKS + ("hf",):
         raise ValueError(f"task.name: partition.scheme 'files' reads files: use csv, jsonl, instructions or hf, "
                          f"not '{task.name}'")
@@ -61,7 +70,8 @@ def relabel(task: Task, names: list[str], where: str) -> Task:
         raise ValueError(f"{where}: labels {unknown[:5]} are not in task.labels {names}")
     index = {n: i for i, n in enumerate(names)}
     labels = [index[task.label_names[y]] for y in task.labels]
-    return Task(task.name, task.texts, labels, list(names), {}, task.targets)
+    images = {c: task.columns[c] for c in ("image", "image_where") if c in task.columns}  # an image task's
+    return Task(task.name, task.texts, labels, list(names), images, task.targets)
 
 
 def label_space(cfg: RunConfig, tasks: list[Task]) -> list[str]:
@@ -102,7 +112,8 @@ def files_task(cfg: RunConfig, silos: dict[int, Silo], label_names: list[str] | 
     srv = load_local(cfg.eval.server_test, cfg.task) if server_test and cfg.eval.server_test else None
     names = label_names or label_space(cfg, [t for pair in part.values() for t in pair if t is not None])
     texts, labels, targets = [], [], []
-    causal = cfg.task.name == "instructions"  # known without reading a file (a server reads none)
+    causal = cfg.task.name in ("instructions", "vqa")  # known without reading a file (a server reads none)
+    images: dict[str, list] = {"image": [], "image_where": []}
 
     def add(task: Task, where: str) -> np.ndarray:
         task = relabel(task, names, where)
@@ -110,6 +121,8 @@ def files_task(cfg: RunConfig, silos: dict[int, Silo], label_names: list[str] | 
         texts.extend(task.texts)
         labels.extend(task.labels)
         targets.extend(task.targets or [])
+        for c in images:
+            images[c].extend(task.columns.get(c, []))
         return np.arange(start, len(texts), dtype=np.int64)
 
     empty = np.zeros(0, dtype=np.int64)
@@ -127,7 +140,8 @@ def files_task(cfg: RunConfig, silos: dict[int, Silo], label_names: list[str] | 
             validation[cid], train = np.sort(train[order[:n_v]]), np.sort(train[order[n_v:]])
         clients[cid] = (train, held)
     global_test = add(srv, cfg.eval.server_test) if srv is not None else empty
-    task = Task("files", texts, labels, list(names), {}, targets if causal else None)
+    task = Task("files", texts, labels, list(names), images if cfg.task.name == "vqa" else {},
+                targets if causal else None)
     return task, Split(global_test, clients, validation)
 
 

@@ -232,3 +232,49 @@ def merge_tasks(tasks: list[Task], column: str = "client") -> Task:
         for c in shared:
             cols.setdefault(c, []).extend(t.columns[c])
     return encode(tasks[0].name, texts, labels, cols, targets if tasks[0].causal else None)
+
+
+def load_vqa_source(source: Any, *, split: str | None = None, image_column: str = "image",
+                    question_column: str | None = None, answer_column: str = "answer",
+                    category_column: str = "category", name: str | None = None) -> Task:
+    """Image-question-answer data: a JSONL file (or a folder holding one) of `image` (a path, relative to the
+    file's folder), `question` or `prompt`, `answer`; or a Hugging Face dataset (folder or hub id) whose
+    `image_column` is an `Image` feature. The label is the answer; `category` (if present) a column for natural
+    clients. A missing image names its path and line; an image column that holds no image names the column."""
+    p = Path(source).expanduser() if isinstance(source, str | Path) else None
+    if p is not None and p.is_dir() and not any((p / f).is_file() for f in ("dataset_info.json", "state.json",
+                                                                           "dataset_dict.json")):
+        found = sorted(p.glob("*.jsonl"))
+        if len(found) == 1:
+            p = found[0]
+    df, features, default_name = read_source(p if p is not None else source, split, "jsonl" if p is not None and
+                                             p.suffix == ".jsonl" else None)
+    where = str(p if p is not None else source)
+    if df.empty:
+        raise ValueError(f"task.path: {where} holds no rows")
+    _column(df, image_column, "task.image_column", where)
+    question = question_column or ("question" if "question" in df.columns else "prompt")
+    _column(df, question, "task.text_column (question / prompt)", where)
+    _column(df, answer_column, "task.output_column (answer)", where)
+    lines = df.attrs.get("lines") or list(range(1, len(df) + 1))
+    at = "line" if "lines" in df.attrs else "row"
+    from datasets import Image as ImageFeature
+
+    if features is not None and isinstance(features.get(image_column), ImageFeature):
+        images = list(df[image_column])  # {"bytes", "path"} per row, decoded once by data/images.py
+    elif features is not None or not all(isinstance(v, str) for v in df[image_column]):
+        raise ValueError(f"task.image_column: column '{image_column}' of {where} holds no image (an Image feature, "
+                         f"or image file paths)")
+    else:
+        base = p.parent if p is not None and p.is_file() else Path(".")
+        images = []
+        for line, v in zip(lines, df[image_column], strict=True):
+            f = base / v
+            if not f.is_file():
+                raise ValueError(f"task.path: {where} {at} {line}: image '{f}' not found")
+            images.append(str(f))
+    answers = [str(a).strip() for a in df[answer_column]]
+    cats = df[category_column].astype(str).tolist() if category_column in df.columns else ["all"] * len(df)
+    return encode(name or (p.stem if p is not None else default_name), df[question].astype(str).tolist(), answers,
+                  {"image": images, "image_where": [f"{where} {at} {ln}" for ln in lines], "category": cats},
+                  targets=answers)

@@ -6,11 +6,15 @@ Tasks read files that ship inside PyPI packages (see shared offline-assets); not
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
 import re
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +45,11 @@ class Task:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def images(self) -> list[str] | None:
+        """An image task's image per row (a file path), from its `image` column."""
+        return self.columns.get("image")
 
 
 TASKS: dict[str, Callable[..., Task]] = {}
@@ -157,6 +166,64 @@ def chatterbot_qa(**_) -> Task:
     return encode("chatterbot-qa", prompts, cats, {"category": cats}, targets=answers)
 
 
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+
+
+def easy_vqa_dir() -> Path:
+    """easy-VQA's data: installed by `make install` as a plain data folder beside the environment (its wheel also
+    ships a top-level `test` package that would shadow the standard library's if it sat in site-packages)."""
+    for root in filter(None, (os.environ.get("FEDLORA_EASY_VQA"), str(Path(sys.prefix) / "share" / "easy-vqa"))):
+        folder = Path(root) / "easy_vqa" / "data"
+        if (folder / "answers.txt").is_file():
+            return folder
+    raise FileNotFoundError("task 'easy-vqa': its data is not installed (run `make install`, or "
+                            "`pip install --no-deps --target DIR easy-vqa==1.0` and set FEDLORA_EASY_VQA=DIR)")
+
+
+def question_type(answer: str) -> str:
+    return "yes-no" if answer in ("yes", "no") else "shape" if answer in EASY_VQA_SHAPES else "color"
+
+
+@register("easy-vqa", "easy-VQA: 64x64 images of coloured shapes, questions -> 13 answers (VLM); qtype column")
+def easy_vqa(split: str = "train", **_) -> Task:
+    """easy-VQA (Zhou 2020, MIT): questions about 64×64 PNGs of one coloured shape, answered by one of 13 words.
+
+    The label is the answer (a Dirichlet split is over answers); column `qtype` is the question type, shape /
+    color / yes-no (`partition.scheme: natural`, `partition.column: qtype`: one client per type); column
+    `image` the image's file. `split` "train" (38,575 questions on 4,000 images) or "test" (9,673 on 1,000).
+    """
+    folder = easy_vqa_dir()
+    questions = json.loads((folder / split / "questions.json").read_text())
+    base = str(folder / split / "images")
+    images = [f"{base}/{q[2]}.png" for q in questions]  # str formatting: a Path per row costs seconds
+    answers = [q[1] for q in questions]
+    return encode("easy-vqa", [q[0] for q in questions], answers,
+                  {"qtype": [question_type(a) for a in answers], "image": images}, targets=answers)
+
+
+def easy_vqa_image_labels(split: str = "train") -> dict[str, tuple[str, str]]:
+    """Each easy-VQA image's (colour, shape), read off its "what shape" / "what color" questions' answers."""
+    t = easy_vqa(split=split)
+    shape, color = {}, {}
+    for a, kind, img in zip(t.targets, t.columns["qtype"], t.images, strict=True):
+        (shape if kind == "shape" else color if kind == "color" else {}).setdefault(img, a)
+    return {img: (color[img], shape[img]) for img in sorted(set(shape) & set(color))}
+
+
+@register("easy-vqa-shape", "easy-VQA's images, classified by shape (3 classes; image classification)")
+def easy_vqa_shape(**_) -> Task:
+    labels = easy_vqa_image_labels()
+    return encode("easy-vqa-shape", [""] * len(labels), [s for _, s in labels.values()],
+                  {"image": list(labels), "color": [c for c, _ in labels.values()]})
+
+
+@register("easy-vqa-color", "easy-VQA's images, classified by colour (8 classes; image classification)")
+def easy_vqa_color(**_) -> Task:
+    labels = easy_vqa_image_labels()
+    return encode("easy-vqa-color", [""] * len(labels), [c for c, _ in labels.values()],
+                  {"image": list(labels), "shape": [s for _, s in labels.values()]})
+
+
 FILE_TASKS = {"csv": "csv", "jsonl": "jsonl", "file": None, "instructions": None, "hf": None}
 
 
@@ -199,7 +266,14 @@ def load_task(name: str, *, path: str | None = None, text_column: str = "text", 
               **source: Any) -> Task:
     """A registered task, or a user's data (`csv`, `jsonl`, `file`, `instructions`, `hf`) through
     `load_task_source`; `source` holds its other column and split options."""
-    if name in FILE_TASKS:
+    if name == "vqa":
+        from .source import load_vqa_source
+
+        if not path:
+            raise ValueError("task.path is required for task.name 'vqa' (a JSONL file of image, question, answer "
+                             "or a Hugging Face dataset with an Image column)")
+        task = load_vqa_source(path, **vqa_options(source, text_column))
+    elif name in FILE_TASKS:
         from .source import load_task_source
 
         if not path:
@@ -217,7 +291,7 @@ def load_task(name: str, *, path: str | None = None, text_column: str = "text", 
     else:
         raise ValueError(f"task.name: unknown task '{name}' (known: {', '.join(sorted(TASKS))}, "
                          f"{', '.join(FILE_TASKS)})")
-    if name in FILE_TASKS and max_per_class:
+    if name in (*FILE_TASKS, "vqa") and max_per_class:
         task = cap_per_class(task, max_per_class, seed)
     if keep_labels:
         unknown = sorted(set(keep_labels) - set(task.label_names))
@@ -236,6 +310,15 @@ def load_task(name: str, *, path: str | None = None, text_column: str = "text", 
     return task
 
 
+def vqa_options(source: dict, text_column: str = "text") -> dict:
+    """`load_vqa_source`'s options from a task's column settings (defaults: image, question / prompt, answer)."""
+    out = source.get("output_column", "output")
+    return {"split": source.get("split"), "image_column": source.get("image_column", "image"),
+            "question_column": None if text_column == "text" else text_column,
+            "answer_column": "answer" if out == "output" else out,
+            "category_column": source.get("category_column", "category")}
+
+
 def task_from_config(t, seed: int) -> Task:
     """`load_task` with a `TaskConfig`'s fields."""
     return load_task(t.name, path=t.path, text_column=t.text_column, label_column=t.label_column,
@@ -243,4 +326,5 @@ def task_from_config(t, seed: int) -> Task:
                      keep_labels=t.keep_labels, min_examples_per_label=t.min_examples_per_label, split=t.split,
                      instruction_column=t.instruction_column, input_column=t.input_column,
                      output_column=t.output_column, category_column=t.category_column,
+                     **({"image_column": t.image_column} if t.name == "vqa" else {}),
                      **({"kind": t.kind} if t.name != "instructions" else {}))

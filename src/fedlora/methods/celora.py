@@ -212,7 +212,8 @@ class CELoRA(SendsDescriptor, UploadCodec, RoundMetrics, Method):
         saved = am.get_state({"C"})
         am.set_state({k: torch.zeros_like(v) for k, v in saved.items()})
         try:
-            feats = pooled_features(am.model, data.input_ids, data.attention_mask, self.cfg.eval.batch_size)
+            feats = pooled_features(am.model, data.input_ids, data.attention_mask, self.cfg.eval.batch_size,
+                                    None if data.images is None else data.pixel_values)
         finally:
             am.set_state(saved)
         sigma = self.opt.descriptor_sigma

@@ -37,6 +37,8 @@ updates point where client i's does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -45,8 +47,10 @@ import torch
 
 @torch.inference_mode()
 def pooled_features(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    batch_size: int = 64) -> torch.Tensor:
+                    batch_size: int = 64, pixel_values: Callable[[slice], torch.Tensor] | None = None) -> torch.Tensor:
     """Mean of the last hidden state over the attention mask, (n, hidden), float32 (rows right-padded).
+
+    A VLM (`pixel_values`: rows -> their images' pixel values) pools over its image and question tokens alike.
 
     A Hugging Face model runs its backbone only (`model.base_model`: the encoder or decoder stack
     without the task head), so a causal LM never computes its (batch × length × vocab) logits.
@@ -59,10 +63,11 @@ def pooled_features(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         mask = attention_mask[i:i + batch_size]
         width = max(1, int(mask.sum(1).max()))
         ids, mask = input_ids[i:i + batch_size, :width], mask[:, :width]
+        images = {} if pixel_values is None else {"pixel_values": pixel_values(slice(i, i + batch_size))}
         if backbone is not model:
-            h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            h = backbone(input_ids=ids, attention_mask=mask, **images).last_hidden_state
         else:
-            h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **images).hidden_states[-1]
         m = mask.unsqueeze(-1).to(h.dtype)
         out.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).float())
     model.train(was_training)

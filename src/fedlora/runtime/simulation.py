@@ -90,7 +90,8 @@ class Simulation(Run):
         k = min(k, len(self.train_sets))  # a pass holds at most every trainer (one, for the centralized reference)
         # fp16: one loss scale (and one skipped step on overflow) would be shared by the pass's clients
         if k > 1 and (not self.method.batchable or not head_is_stackable(self.am)
-                      or self.am.precision == "fp16"):
+                      or self.am.precision == "fp16"
+                      or self.task.images is not None):  # image tasks: one client at a time
             if not self._warned_sequential:
                 log.info("train.clients_per_pass=%d: method %s trains its clients one after another",
                          k, self.method.name)
@@ -135,7 +136,7 @@ class Simulation(Run):
         random.setstate(ck["rng"]["python"])
 
     def evaluate_now(self) -> dict:
-        return self.evaluate()
+        return self.evaluate(generate=self.vlm is not None)  # a VLM's starting VQA accuracy needs its answers
 
     def final_models(self) -> tuple[dict[str, torch.Tensor] | None, Iterable[tuple[int, dict[str, torch.Tensor]]]]:
         return (self.eval_state(0) if self.single_model() else None,
