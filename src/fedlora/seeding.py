@@ -37,6 +37,8 @@ PURPOSES = frozenset({
     "client_ranks",      # heterogeneous ranks: which client gets which rank
     "attack",            # the gradient-inversion attack: dummy initialisations and search proposals
     "bootstrap",         # confidence intervals of benchmark means by bootstrap resampling
+    "secagg_graph",      # secure aggregation: which clients are neighbours (share keys and masks) in a round
+    "secagg_rounding",   # secure aggregation: a client's stochastic rounding into the quantized field
 })
 
 
