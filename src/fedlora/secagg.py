@@ -30,6 +30,7 @@ Nothing here moves a message: the simulation calls these stages in process, the 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -249,10 +250,11 @@ class SecAggClient:
 
     # ---- persistence between messages (Flower's context.state) ----
     def state(self) -> dict:
-        """The client's state as str -> bytes / int / list[int] (a Flower ConfigRecord's values)."""
+        """The client's state as str -> bytes / int / str (a Flower ConfigRecord's values; lists as JSON)."""
         out: dict = {"cid": self.cid, "t": self.t, "sk1": self.sk1, "sk2": self.sk2, "pk1": self.pk1,
-                     "pk2": self.pk2, "seed": self.seed, "masked_with": list(self.masked_with),
-                     "unmasked": int(self.unmasked), "t_min": self.t_min, "m": self.m, "key_ids": sorted(self.keys)}
+                     "pk2": self.pk2, "seed": self.seed, "masked_with": json.dumps(self.masked_with),
+                     "unmasked": int(self.unmasked), "t_min": self.t_min, "m": self.m,
+                     "key_ids": json.dumps(sorted(self.keys))}
         for nid, (a, b) in self.keys.items():
             out[f"pk1/{nid}"], out[f"pk2/{nid}"] = a, b
         out |= {f"bs/{k}": v for k, v in self.seed_shares.items()} | {f"ss/{k}": v for k, v in self.sk1_shares.items()}
@@ -262,11 +264,11 @@ class SecAggClient:
     def from_state(cls, s: dict, params: SecAggParams) -> SecAggClient:
         c = cls(int(s["cid"]), int(s["t"]), params, bytes(s["sk1"]), bytes(s["sk2"]), bytes(s["pk1"]),
                 bytes(s["pk2"]), bytes(s["seed"]))
-        c.keys = {int(n): (bytes(s[f"pk1/{n}"]), bytes(s[f"pk2/{n}"])) for n in s["key_ids"]}
+        c.keys = {int(n): (bytes(s[f"pk1/{n}"]), bytes(s[f"pk2/{n}"])) for n in json.loads(str(s["key_ids"]))}
         c.seed_shares = {int(k[3:]): bytes(v) for k, v in s.items() if k.startswith("bs/")}
         c.sk1_shares = {int(k[3:]): bytes(v) for k, v in s.items() if k.startswith("ss/")}
-        c.masked_with, c.unmasked, c.t_min = [int(x) for x in s["masked_with"]], bool(s["unmasked"]), int(s["t_min"])
-        c.m = int(s["m"])
+        c.masked_with = [int(x) for x in json.loads(str(s["masked_with"]))]
+        c.unmasked, c.t_min, c.m = bool(s["unmasked"]), int(s["t_min"]), int(s["m"])
         return c
 
 
