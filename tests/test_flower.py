@@ -152,6 +152,13 @@ def assert_same_run(flower_dir: Path, sim_dir: Path) -> None:
         # CE-LoRA's data descriptor (up_raw_other) crosses Flower in the clients' first replies
         assert f["flower_up_array_bytes"] >= f["up_raw"]
         assert f["flower_up_message_bytes"] > f["flower_up_array_bytes"]
+    assert_same_states(flower_dir, sim_dir)
+    summary = json.loads((flower_dir / "summary.json").read_text())
+    assert summary["runtime"] == "flower" and summary["up_raw"] == json.loads((sim_dir / "summary.json").read_text())[
+        "up_raw"]
+
+
+def assert_same_states(flower_dir: Path, sim_dir: Path) -> None:
     sim_states = sorted(p.name for p in (sim_dir / "states").iterdir())
     assert sorted(p.name for p in (flower_dir / "states").iterdir()) == sim_states
     for name in sim_states:
@@ -159,9 +166,6 @@ def assert_same_run(flower_dir: Path, sim_dir: Path) -> None:
         assert a.keys() == b.keys()
         for k in b:
             assert torch.equal(a[k], b[k]), f"{name} {k}: max diff {(a[k] - b[k]).abs().max().item()}"
-    summary = json.loads((flower_dir / "summary.json").read_text())
-    assert summary["runtime"] == "flower" and summary["up_raw"] == json.loads((sim_dir / "summary.json").read_text())[
-        "up_raw"]
 
 
 # wire "arrays": one Flower Array per tensor; "packed": one safetensors blob per message (the default)

@@ -185,3 +185,16 @@ def test_node_keys_are_what_flower_reads(tmp_path):
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     assert try_load_public_key(public)  # as `flwr supernode register` loads it
     assert private.stat().st_mode & 0o077 == 0  # the private key is the node's only
+
+
+def test_secure_aggregation_is_refused_on_flower_in_one_line(tmp_path):
+    """Secure aggregation runs in process; on Flower its unmask stage does not work yet, so a run is refused up
+    front rather than skipping every round."""
+    from fedlora.config import build_config
+    from fedlora.runtime.flower.server import check_flower_method
+
+    cfg = flower_config(tmp_path, "fedit")
+    cfg["federation"] = {**cfg["federation"], "secure_aggregation": True}
+    with pytest.raises(ValueError, match="federation.secure_aggregation: not yet on Flower"):
+        check_flower_method(build_config(cfg))
+

@@ -135,6 +135,14 @@ class FederationConfig(_Section):
     server_beta1: float = Field(0.9, ge=0, lt=1)  # adam, yogi (adagrad: momentum on Δ as in Reddi et al.)
     server_beta2: float = Field(0.99, ge=0, lt=1)  # adam, yogi
     server_eps: float = Field(1e-3, gt=0)  # τ, the degree of adaptivity (Reddi et al.'s default 1e-3)
+    # SecAgg+ (secagg.py): the server learns the example-weighted sum of the round's uploads, never one upload;
+    # only for methods whose server step is such a sum (docs/secure-aggregation.md)
+    secure_aggregation: bool = False
+    secagg_neighbours: int | None = Field(None, ge=2)  # SecAgg+: each client masks with k others; None: all (SecAgg)
+    # shares needed to unmask, as a fraction of a client's group (itself and its neighbours), at least 2
+    secagg_threshold: float = Field(0.5, gt=0, le=1)
+    secagg_clip_range: float = Field(8.0, gt=0)  # values quantized over [-c, c]; a client with a larger one withholds
+    secagg_quantization_bits: int = Field(24, ge=4, le=40)  # 2^bits levels over [-c, c]: step 2c / 2^bits
 
 
 class TrainConfig(_Section):
@@ -259,7 +267,17 @@ class RunConfig(_Section):
             raise ValueError("eval.split is 'validation' but partition.client_val_fraction is 0")
         from .methods import get_method  # here, not at the top: the methods import this module
 
-        get_method(self.method.name).check(self)  # the method's own checks, declared beside it
+        method = get_method(self.method.name)
+        method.check(self)  # the method's own checks, declared beside it (a refusal of secure aggregation too)
+        if self.federation.secure_aggregation:
+            if not method.secure_sum:
+                raise ValueError(f"federation.secure_aggregation: method {method.name} sends the server nothing to "
+                                 f"sum (or needs each client's upload)")
+            if (self.federation.clients_per_round or n) < 2:
+                raise ValueError("federation.secure_aggregation needs at least 2 clients per round")
+            if self.privacy.dp == "central":
+                raise ValueError("privacy.dp: central DP calibrates its noise to each client's weight, which secure "
+                                 "aggregation hides from the server; use local")
         return self
 
 

@@ -32,6 +32,7 @@ from .methods.capabilities import (
     UploadCodec,
 )
 from .ranks import rank_shape, truncate
+from .secagg import UP, SecAggServer
 from .seeding import rng, torch_seed
 from .server_opt import server_step
 from .train import local_train, local_train_stacked
@@ -152,10 +153,15 @@ class Server:
                    f"{self.fed.max_update_norm}"
         return None
 
-    def aggregate(self, t: int, uploads: list[Upload]) -> None:
+    def aggregate(self, t: int, uploads: list[Upload], count: int | None = None) -> None:
+        """The method's server step on the accepted uploads; with `count`, `uploads` is the one example-weighted
+        mean of that many clients' uploads (secure aggregation: `Method.aggregate_mean`)."""
         if uploads and uploads[0].tensors:
             before = {k: v.clone() for k, v in self.global_state.items()}
-            self.method.aggregate(self, t, uploads)
+            if count is None:
+                self.method.aggregate(self, t, uploads)
+            else:
+                self.method.aggregate_mean(self, t, uploads[0], count)
             pr = self.method.cfg.privacy  # central DP: noise on the aggregated server-held keys
             if pr.dp == "central" and pr.noise_multiplier > 0:
                 from .privacy.dp import central_noise
@@ -200,6 +206,10 @@ class Server:
             self.aggregate(t, accepted)
         up["raw"] += extra  # counted in the totals, apart from the adapter and head columns
         up["serialized"] += extra
+        return self._row(t, downloads, up, down, dropped, rejected, skipped, losses) | {"up_raw_other": extra}
+
+    def _row(self, t: int, downloads: dict[int, Download], up: dict, down: dict, dropped: list[int],
+             rejected: list[dict], skipped: bool, losses: list[float]) -> dict:
         for k in BYTE_KEYS:
             self.cumulative[f"up_{k}"] += up[k]
             self.cumulative[f"down_{k}"] += down[k]
@@ -208,12 +218,60 @@ class Server:
 
         return {"round": t, "clients": sorted(downloads), "dropped": dropped, "rejected": rejected,
                 "skipped": skipped, "train_loss": float(np.mean(losses)) if losses else None,
-                "up_raw_other": extra,
+                "up_raw_other": 0,
                 **{f"up_{k}": v for k, v in up.items()}, **{f"down_{k}": v for k, v in down.items()},
                 "up_raw_adapter_per_client": up["raw_adapter"] / n_up, "up_raw_per_client": up["raw"] / n_up,
                 **{f"cum_{k}": v for k, v in self.cumulative.items()}, "epsilon": run_epsilon(self.method.cfg, t),
                 **(self.method.round_metrics(self, t) if isinstance(self.method, RoundMetrics) and not skipped
                    else {})}
+
+    def finish_secure_round(self, t: int, downloads: dict[int, Download], sa: SecAggServer,
+                            metrics: dict[int, dict[str, float]], withheld: dict[int, str]) -> dict:
+        """A round under secure aggregation, once stage 3 is over: the server unmasks the sum (or skips the round:
+        fewer than the threshold, never unmasked in part), checks it, aggregates it through the method and counts
+        every byte of the protocol. `metrics`: the clients' training statistics (sent in clear); `withheld`:
+        clients whose own check refused their upload, with the reason they gave."""
+        result = sa.unmask_result
+        rejected = [{"client": c, "reason": r} for c, r in sorted(withheld.items())]
+        for c, r in sorted(withheld.items()):
+            log.warning("round %d: client %d withheld its upload: %s", t, c, r)
+        reason = sa.reason
+        spec = self.method.upload_spec(t, self.spec)
+        if result is not None:
+            mean, n_total = result
+            tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(spec[k][1]) for k, v in mean.items()}
+            if set(tensors) != set(spec) or any(tuple(v.shape) != tuple(spec[k][0]) for k, v in tensors.items()):
+                reason = "the unmasked sum does not have the upload's keys and shapes"
+            elif not all(torch.isfinite(v).all() for v in tensors.values()):
+                reason = "the unmasked sum contains NaN or Inf"
+            elif len(sa.survivors) < self.fed.min_clients:
+                reason = f"{len(sa.survivors)} uploads < min_clients {self.fed.min_clients}"
+        skipped = result is None or reason is not None
+        if skipped:
+            log.warning("round %d: secure aggregation: %s; round skipped", t, reason)
+        else:
+            self.aggregate(t, [Upload(-1, t, tensors, n_total)], count=len(sa.survivors))
+        down = dict.fromkeys(BYTE_KEYS, 0)
+        for dl in downloads.values():
+            for k, v in payload_bytes(dl.tensors).items():
+                down[k] += v
+        cols = sa.byte_columns()
+        heads = {k for k in spec if factor_of(k) == "head"}
+        head_bytes = sum(sa.bytes_masked_head.values())  # the masked vector's head part (8 bytes a coordinate)
+        protocol_up = sum(cols[f"up_secagg_{s}"] for s in UP)
+        protocol_down = sum(cols[f"down_secagg_{s}"] for s in UP)
+        up = {"raw": protocol_up, "raw_head": head_bytes if heads else 0,
+              "raw_adapter": cols["up_secagg_masked"] - (head_bytes if heads else 0), "serialized": protocol_up}
+        down["raw"] += protocol_down
+        down["serialized"] += protocol_down
+        dropped = [c for c in downloads if c not in sa.survivors and c not in withheld]
+        losses = [m["train_loss"] for c, m in sorted(metrics.items()) if "train_loss" in m]
+        for k, v in cols.items():  # cum_up_secagg_* and cum_down_secagg_* in the row
+            if k != "up_secagg_per_client":
+                self.cumulative[k] = self.cumulative.get(k, 0) + v
+        row = self._row(t, downloads, up, down, dropped, rejected, skipped, losses)
+        return row | cols | {"secagg_survivors": len(sa.survivors), "secagg_threshold": sa.t_min,
+                             "secagg_step": sa.params.step, "secagg_skipped_reason": reason if skipped else None}
 
     def final_download_bytes(self, cids: list[int]) -> dict[str, int]:
         """The bytes of the last download every client receives after the final round: the model it is evaluated
@@ -323,3 +381,21 @@ def clients_fit(am: AdaptedModel, method: Method, states: list[ClientState], dls
         tr = {k: v.to(full[k].device) for k, v in tr.items() if k in keep}
         out.append(_fit_finish(method, s, dl, tr, st, len(d)))
     return out
+
+
+def secure_vector(method: Method, state: ClientState, dl: Download, upload: Upload, spec: dict[str, tuple],
+                  fed: FederationConfig) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """On the client, under secure aggregation: its own check of the upload it is about to mask (the server will
+    never see it), the update clipped to `federation.max_update_norm`, the factors zero-padded to the server's
+    rank (`spec`: the round's upload spec at full rank). (the float64 arrays to mask, None) or (None, why not)."""
+    from .secagg import check_and_clip, upload_vector
+
+    start = apply_download(state, dl, method).full()
+    if isinstance(method, UploadCodec) and method.encodes_upload:  # compared in the form it is sent
+        start = {**start, **method.encode_upload({k: start[k] for k in upload.tensors if k in start}, start)}
+    if upload.round != dl.round:
+        return None, f"upload for round {upload.round}, expected {dl.round}"
+    tensors, reason = check_and_clip(upload.tensors, spec, start, fed.max_update_norm, fed.secagg_clip_range)
+    if tensors is None:
+        return None, reason
+    return upload_vector(tensors, spec), None

@@ -38,6 +38,8 @@ PURPOSES = frozenset({
     "attack",            # the gradient-inversion attack: dummy initialisations and search proposals
     "attack_baseline",   # the random-token guess the attack is compared with
     "bootstrap",         # confidence intervals of benchmark means by bootstrap resampling
+    "secagg_graph",      # secure aggregation: which clients are neighbours (share keys and masks) in a round
+    "secagg_rounding",   # secure aggregation: a client's stochastic rounding into the quantized field
 })
 
 

@@ -107,6 +107,10 @@ class Method:
     # clients can train together in one batched pass (train.clients_per_pass); False for a method whose
     # local training is not plain `local_train` (e.g. a per-client loss term or gradient correction)
     batchable: ClassVar[bool] = True
+    # the server step needs only the example-weighted mean of the uploads (federation.secure_aggregation can hide
+    # each one); such a method's `aggregate_mean` is its server step. A method that needs individual uploads keeps
+    # False and says why in `check` when secure aggregation is asked for
+    secure_sum: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -176,6 +180,12 @@ class Method:
         """
         seen = server.synced.get(cid, 0)
         return {k: v for k, v in server.global_state.items() if server.version[k] > seen}
+
+    def aggregate_mean(self, server: Server, t: int, mean: Upload, count: int) -> None:
+        """The server step from the round's example-weighted mean alone (secure aggregation): `mean.tensors` =
+        Σ p_i x_i (zero-padded to the server's rank), `mean.n_examples` = Σ n_i, over `count` clients. For a
+        method whose `aggregate` is a weighted mean, that mean is one upload of weight Σ n_i."""
+        self.aggregate(server, t, [mean])
 
     def aggregate(self, server: Server, t: int, uploads: list[Upload]) -> None:
         """Example-weighted FedAvg of every uploaded server-held key."""

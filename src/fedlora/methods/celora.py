@@ -138,6 +138,9 @@ class CELoRA(SendsDescriptor, UploadCodec, RoundMetrics, Method):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
+        if cfg.federation.secure_aggregation:  # beta 1 too: the m personalized sums C̄ = W C solve for every C_j
+            raise ValueError("federation.secure_aggregation: celora needs each client's C_i (its similarity "
+                             "and personalized C̄_i; m such sums with known weights reveal every C_j)")
         if cfg.privacy.dp == "central":
             raise ValueError("privacy.dp: central DP is not supported for celora (personalized C̄); use local")
         c = cfg.method.celora

@@ -30,6 +30,7 @@ class Options(MethodOptions):
 @register
 class FedDPA(Method):
     name = "feddpa"
+    secure_sum = True  # A, B: a weighted mean of the uploads (the local pair never leaves the client)
     options = Options
     batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     dual = True

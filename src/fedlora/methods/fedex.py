@@ -37,6 +37,12 @@ class FedExLoRA(Method):
     full_update = True
     server_factors = frozenset({"A", "B", "W"})
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.federation.secure_aggregation:
+            raise ValueError("federation.secure_aggregation: fedex's residual needs each client's product B_i A_i "
+                             "(a secure sum of them would upload k x d per layer); use fedit or ffa")
+
     def train_factors(self, t: int) -> set[str]:
         return {"A", "B"}
 

@@ -13,6 +13,7 @@ from .base import Method, register
 @register
 class FedIT(Method):
     name = "fedit"
+    secure_sum = True  # its server step is a weighted mean of the uploads
     server_factors = frozenset({"A", "B"})
 
     def train_factors(self, t: int) -> set[str]:

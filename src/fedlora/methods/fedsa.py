@@ -12,6 +12,7 @@ from .base import Method, register
 @register
 class FedSALoRA(Method):
     name = "fedsa"
+    secure_sum = True  # its server step is a weighted mean of the uploads
     default_head = "personal"
     server_factors = frozenset({"A"})
 

@@ -12,6 +12,7 @@ from .base import Method, register
 @register
 class FFALoRA(Method):
     name = "ffa"
+    secure_sum = True  # its server step is a weighted mean of the uploads
     server_factors = frozenset({"A", "B"})  # A is held too, but never changes, so it is never sent
 
     def train_factors(self, t: int) -> set[str]:

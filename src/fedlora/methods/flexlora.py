@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 @register
 class FlexLoRA(Method):
     name = "flexlora"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.federation.secure_aggregation:
+            raise ValueError("federation.secure_aggregation: flexlora's SVD needs each client's product B_i A_i, "
+                             "which a sum of A_i and B_i does not give")
     batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     mixed_ranks = True
     server_factors = frozenset()  # the SVD factors live in server.extra at rank R; each client holds its own rank

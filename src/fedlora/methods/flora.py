@@ -51,6 +51,8 @@ class FLoRA(DownloadWire, Method):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
+        if cfg.federation.secure_aggregation:
+            raise ValueError("federation.secure_aggregation: flora stacks each client's A_i, B_i, which a sum hides")
         if cfg.privacy.dp == "central":
             raise ValueError("privacy.dp: central DP is not supported for flora (it would perturb the LoRA restart "
                              "point, not the merged update); use local")

@@ -64,6 +64,17 @@ class Options(MethodOptions):
 @register
 class HetLoRA(Method):
     name = "hetlora"
+    secure_sum = True  # zero_pad: the weighted mean of the uploads padded to rank R (clients pad before masking)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        o = cfg.method.hetlora
+        if cfg.federation.secure_aggregation and o.aggregation == "sparsity":
+            raise ValueError("federation.secure_aggregation: hetlora's sparsity weights need each client's "
+                             "||B_i A_i||; use method.hetlora.aggregation zero_pad")
+        if cfg.federation.secure_aggregation and o.prune_gamma < 1:
+            raise ValueError("federation.secure_aggregation: hetlora's rank self-pruning reads each client's "
+                             "tail norm; set method.hetlora.prune_gamma 1")
     options = Options
     batchable = False  # one client at a time: its state (rank, W or a dual pair) is not a plain stacked pair
     mixed_ranks = True

@@ -48,6 +48,13 @@ class LoRAFAIR(FedIT):
 
     name = "lorafair"
     options = Options
+    secure_sum = False
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.federation.secure_aggregation:
+            raise ValueError("federation.secure_aggregation: lorafair's correction needs each client's product "
+                             "B_i A_i (a secure sum of them would upload k x d per layer); use fedit or ffa")
 
     def aggregate(self, server: Server, t: int, uploads: list[Upload]) -> None:
         super().aggregate(server, t, uploads)  # Ā, B̄ (and the head)

@@ -50,6 +50,12 @@ class Options(MethodOptions):
 class PFedGraph(Method):
     name = "pfedgraph"
     options = Options
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.federation.secure_aggregation:
+            raise ValueError("federation.secure_aggregation: pfedgraph's collaboration graph needs the cosine "
+                             "similarity of each pair of clients' uploads")
     default_head = "personal"
     server_factors = frozenset()  # A, B are personal; the server sends each client its own θ̄_i
 

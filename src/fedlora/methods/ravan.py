@@ -74,6 +74,7 @@ class Options(MethodOptions):
 @register
 class RAVAN(TrainsWithHook, UploadCodec, Method):
     name = "ravan"
+    secure_sum = True  # the blocks' weighted mean
     options = Options
     tri = True
     server_factors = frozenset({"C"})

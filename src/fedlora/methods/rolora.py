@@ -17,6 +17,7 @@ from .base import Method, register
 @register
 class RoLoRA(Method):
     name = "rolora"
+    secure_sum = True  # its server step is a weighted mean of the uploads
     server_factors = frozenset({"A", "B"})
 
     def train_factors(self, t: int) -> set[str]:

@@ -91,9 +91,15 @@ class Scaffold(TrainsWithHook, KeepsClientState, FedIT):
         base = super().upload_spec(t, spec)
         return {**base, **{DC + k: s for k, s in base.items()}}
 
+    def aggregate_mean(self, server: Server, t: int, mean: Upload, count: int) -> None:
+        self._aggregate(server, t, [mean], count)  # secure aggregation: Σ p_i Δc_i over `count` clients
+
     def aggregate(self, server: Server, t: int, uploads: list[Upload]) -> None:
+        self._aggregate(server, t, uploads, len(uploads))
+
+    def _aggregate(self, server: Server, t: int, uploads: list[Upload], count: int) -> None:
         super().aggregate(server, t, uploads)  # x <- Σ p_i y_i over the factors (the DC keys are not held)
-        share = len(uploads) / server.num_clients
+        share = count / server.num_clients
         weights = [u.n_examples for u in uploads]
         for dk in [k for k in uploads[0].tensors if k.startswith(DC)]:
             k = dk[len(DC):]

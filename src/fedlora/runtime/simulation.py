@@ -20,8 +20,9 @@ from ..checkpoint import load_checkpoint
 from ..compute import rng_state, set_rng_state
 from ..config import RunConfig
 from ..driver import RunDriver
-from ..federation import ClientState, Upload, apply_download, client_fit, clients_fit
+from ..federation import ClientState, Upload, apply_download, client_fit, clients_fit, secure_vector
 from ..run import Run
+from ..secagg import SecAggParams, share_keys_in_process, unmask_in_process
 
 log = logging.getLogger("fedlora")
 
@@ -56,6 +57,10 @@ class Simulation(Run):
         for cid in cids:
             self.send_descriptor(cid, t)
         downloads = {cid: self.server.download(cid, t) for cid in cids}
+        secure = None  # secure aggregation: stages 0 and 1 (keys) before training; a client may drop after them
+        if self.cfg.federation.secure_aggregation:
+            secure = share_keys_in_process(cids, t, SecAggParams.from_config(self.cfg.federation, self.cfg.seed))
+            secure = (*secure, {cid: self.clients[cid] for cid in cids})  # the states the uploads start from
         fitted: dict[int, Upload | None] = {}
         live = []
         for cid, dl in downloads.items():
@@ -76,11 +81,29 @@ class Simulation(Run):
             for cid, (up, state) in zip(group, results, strict=True):
                 fitted[cid], self.clients[cid] = up, state
         uploads = {cid: fitted[cid] for cid in downloads}  # in sampling order: aggregation sums in this order
-        row = self.server.finish_round(t, downloads, uploads)
+        if secure is not None:  # stages 2 and 3: each live client masks its checked upload, the server unmasks
+            row = self.secure_finish(t, downloads, secure, uploads)
+        else:
+            row = self.server.finish_round(t, downloads, uploads)
         if t % self.cfg.eval.every == 0 or t == self.cfg.federation.rounds:
             row |= self.evaluate(generate=t == self.cfg.federation.rounds)
         row["wall_s"] = time.perf_counter() - start
         return row
+
+    def secure_finish(self, t: int, downloads: dict, secure: tuple, uploads: dict[int, Upload | None]) -> dict:
+        server, clients, starts = secure
+        spec = self.method.upload_spec(t, self.server.spec)
+        vectors, withheld = {}, {}
+        for cid, up in uploads.items():
+            vectors[cid] = None
+            if up is not None:
+                vec, reason = secure_vector(self.method, starts[cid], downloads[cid], up, spec, self.cfg.federation)
+                vectors[cid] = None if vec is None else (vec, up.n_examples)
+                if reason:
+                    withheld[cid] = reason
+        unmask_in_process(server, clients, vectors)
+        metrics = {cid: up.metrics for cid, up in uploads.items() if up is not None}
+        return self.server.finish_secure_round(t, downloads, server, metrics, withheld)
 
     def clients_per_pass(self) -> int:
         """K of `train.clients_per_pass`, resolved; 1 where a pass of several clients cannot be batched."""

@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from ...config import RunConfig, build_config
 from ...data.silo import Silo, load_local
 from ...evaluation import ClientTask, measure_client
-from ...federation import ClientState, Download, apply_download, client_fit
+from ...federation import ClientState, Download, apply_download, client_fit, secure_vector
 from ...run import Run
+from ...secagg import SecAggClient, SecAggParams
 from ..flower_constants import DEFAULT_STATE_DIR
 from .wire import config_hash, from_record, results_to_records, to_record
 
@@ -197,9 +198,63 @@ def _upload_reply(msg: Message, call: _ClientCall, tensors: dict[str, torch.Tens
     return _reply(msg, {"status": "ok", "client": call.cid, "round": call.t, "n_examples": n}, **records)
 
 
+SECAGG_STATE = "fedlora-secagg"  # this client's secure-aggregation state between the stage messages
+
+
+def _secagg_client(env: Run, context: Context) -> SecAggClient:
+    return SecAggClient.from_state(dict(context.state.config_records[SECAGG_STATE]),
+                                   SecAggParams.from_config(env.cfg.federation, env.cfg.seed))
+
+
+def client_secagg(msg: Message, context: Context) -> Message:
+    """Stages 0, 1 and 3 of secure aggregation (secagg.py); stage 2 is the train message."""
+    c = msg.content["secagg"]
+    cfg_text = str(context.run_config.get("config", ""))
+    if config_hash(cfg_text) != str(c["config"]):
+        raise ValueError("the run config's fedlora config differs from the server's")
+    cid, t, (pid, _) = int(c["client"]), int(c["round"]), _node(context)
+    if pid != cid:
+        raise ValueError(f"message for client {cid} reached the SuperNode of partition {pid}")
+    env = environment(cfg_text, context, cid, json.loads(str(c["labels"])) if "labels" in c else None)
+    stage, out = str(c["stage"]), {}
+    if stage == "setup":
+        sa = SecAggClient(cid, t, SecAggParams.from_config(env.cfg.federation, env.cfg.seed))
+        out["pk1"], out["pk2"] = sa.setup()
+    else:
+        sa = _secagg_client(env, context)
+        if sa.t != t:
+            raise ValueError(f"secure aggregation: stage {stage} of round {t}, but this client's keys are of {sa.t}")
+        if stage == "share":
+            keys = {int(n): (bytes(c[f"pk1/{n}"]), bytes(c[f"pk2/{n}"])) for n in json.loads(str(c["ids"]))}
+            out = {f"ct/{d}": ct for d, ct in sa.share_keys(keys, int(c["m"])).items()}
+        else:  # unmask
+            shares = sa.unmask(json.loads(str(c["active"])), json.loads(str(c["dead"])))
+            out = {f"sh/{o}": s for o, s in shares.items()}
+    context.state.config_records[SECAGG_STATE] = ConfigRecord(sa.state())
+    return _reply(msg, {"status": "ok", "client": cid, "round": t}, secagg=ConfigRecord(out))
+
+
+def _masked_reply(msg: Message, call: _ClientCall, context: Context, vector: dict | None, n: int, reason: str | None,
+                  metrics: dict) -> Message:
+    """Stage 2: the masked vector (uint64 arrays), or the reason this client withholds its upload."""
+    if vector is None:
+        return _reply(msg, {"status": "withheld", "client": call.cid, "round": call.t, "reason": str(reason)})
+    sa = _secagg_client(call.env, context)
+    sa.receive_shares({int(k[3:]): bytes(v) for k, v in msg.content["secagg"].items() if k.startswith("ct/")})
+    masked = {k: torch.from_numpy(v) for k, v in sa.masked_vector(vector, n).items()}
+    context.state.config_records[SECAGG_STATE] = ConfigRecord(sa.state())
+    rec, cast = to_record(masked, call.wire)
+    return _reply(msg, {"status": "ok", "client": call.cid, "round": call.t}, masked=rec, masked_dtypes=cast,
+                  metrics=MetricRecord({k: float(v) for k, v in metrics.items()}))
+
+
 def client_train(msg: Message, context: Context) -> Message:
     call = _ClientCall(msg, context)
     env, cid, t, meta = call.env, call.cid, call.t, call.meta
+    secure = env.cfg.federation.secure_aggregation
+    if secure and meta["round"] == t and meta["synced"] == call.synced_to:  # its masked reply was lost
+        return _reply(msg, {"status": "withheld", "client": cid, "round": t,
+                            "reason": "trained this round already; a masked vector is sent once"})
     if meta["round"] == t and meta["synced"] == call.synced_to and call.last_upload is not None:
         log.info("client %d: round %d was trained already; sending the stored upload", cid, t)
         return _upload_reply(msg, call, call.last_upload, int(meta["n_examples"]), meta.get("metrics", {}))
@@ -214,7 +269,11 @@ def client_train(msg: Message, context: Context) -> Message:
     upload, state = client_fit(env.am, env.method, call.state, dl, env.train_sets[cid], stream, env.cfg.train)
     metrics = {k: float(v) for k, v in upload.metrics.items()}
     call.store.save(state, {**meta, "synced": call.synced_to, "round": t, "stream": stream.state(),
-                            "n_examples": upload.n_examples, "metrics": metrics}, upload.tensors)
+                            "n_examples": upload.n_examples, "metrics": metrics}, None if secure else upload.tensors)
+    if secure:
+        vector, reason = secure_vector(env.method, call.state, dl, upload, env.method.upload_spec(t, env.server.spec),
+                                       env.cfg.federation)
+        return _masked_reply(msg, call, context, vector, upload.n_examples, reason, metrics)
     return _upload_reply(msg, call, upload.tensors, upload.n_examples, metrics)
 
 
@@ -260,6 +319,8 @@ def client_describe(msg: Message, context: Context) -> Message:
 def _hello(msg: Message, context: Context) -> Message:
     if "describe" in msg.content:
         return _timed(client_describe, msg, context)
+    if "secagg" in msg.content:
+        return _timed(client_secagg, msg, context)
     pid, n = _node(context)
     status = {"status": "ok", "partition-id": pid, "num-partitions": n}
     labels = local_labels(str(context.run_config.get("config", "")), context)
