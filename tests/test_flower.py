@@ -248,6 +248,8 @@ def test_wire_formats_carry_bf16_exactly():
     back = from_record(rec, cast)
     assert back["a.A"].dtype == torch.bfloat16 and all(torch.equal(back[k], t[k]) for k in t)
     assert from_record(*to_record({}, "packed")) == {}
+    many = {f"k{i}": torch.zeros(2, dtype=torch.int64) for i in (3, 0, 5, 1, 4, 2)}
+    assert all(list(from_record(*to_record(many, "packed"))) == sorted(many) for _ in range(5))  # a fixed order
 
 
 def test_client_store_round_trip(tmp_path):

@@ -13,7 +13,10 @@ import fedlora.runtime.simulation as simulation
 from fedlora.config import ConfigError, build_config
 from fedlora.secagg import (
     WEIGHT,
+    SecAggClient,
+    SecAggError,
     SecAggParams,
+    SecAggServer,
     check_and_clip,
     mask,
     share_keys_in_process,
@@ -83,6 +86,54 @@ def test_below_the_threshold_nothing_is_unmasked():
     vecs = vectors(3)
     server = secure(vecs, drop={0, 1})  # one survivor of three, threshold 2
     assert server.unmask_result is None and "threshold" in server.reason
+
+
+def test_masked_vectors_in_any_key_order_are_unmasked():
+    """A transport may hand a masked vector back with its keys in another order (a safetensors blob is decoded in
+    no fixed order): the server sums and unmasks by name, not by position."""
+    vecs = {c: ({f"l{i}.A": v[0]["l.A"] + i for i in range(4)} | {"l.B": v[0]["l.B"]}, v[1])
+            for c, v in vectors(3, seed=3).items()}
+    server, clients = share_keys_in_process(sorted(vecs), 1, PARAMS)
+    order = np.random.default_rng(0)
+    masked = {}
+    for c, (v, n) in vecs.items():
+        m = clients[c].masked_vector(v, n)
+        masked[c] = {k: m[k] for k in order.permutation(list(m))}
+    ask = server.collect_masked(masked)
+    assert server.reason is None, server.reason
+    server.unmask({c: clients[c].unmask(*ask[c]) for c in ask})
+    want = plain_mean(vecs, list(vecs))
+    assert max(np.abs(server.unmask_result[0][k] - want[k]).max() for k in want) <= PARAMS.step
+    masked[1] = {k: a for k, a in masked[1].items() if k != WEIGHT}  # no folded-in weight: refused, not misread
+    again, _ = share_keys_in_process(sorted(vecs), 1, PARAMS)
+    assert again.collect_masked(masked) == {} and "layout" in again.reason
+
+
+def test_client_state_round_trip_between_every_stage():
+    """A Flower client rebuilds itself from `state()` before each stage message: a round run that way unmasks,
+    and a rebuilt client still refuses a second unmask request."""
+    vecs = vectors(3, seed=4)
+    server = SecAggServer(sorted(vecs), 1, PARAMS)
+    clients = {c: SecAggClient(c, 1, PARAMS) for c in vecs}
+
+    def rebuilt() -> dict[int, SecAggClient]:
+        return {c: SecAggClient.from_state(dict(sa.state()), PARAMS) for c, sa in clients.items()}
+
+    keys = server.collect_keys({c: sa.setup() for c, sa in clients.items()})
+    clients = rebuilt()
+    sent = {c: clients[c].share_keys(keys[c], len(vecs)) for c in keys}
+    clients = rebuilt()
+    for c, box in server.route_shares(sent).items():
+        clients[c].receive_shares(box)
+    masked = {c: clients[c].masked_vector(*vecs[c]) for c in vecs}
+    clients = rebuilt()
+    ask = server.collect_masked(masked)
+    server.unmask({c: clients[c].unmask(*ask[c]) for c in ask})
+    want = plain_mean(vecs, list(vecs))
+    assert max(np.abs(server.unmask_result[0][k] - want[k]).max() for k in want) <= PARAMS.step
+    clients = rebuilt()
+    with pytest.raises(SecAggError, match="twice"):
+        clients[0].unmask(*ask[0])
 
 
 def test_a_client_checks_and_clips_its_own_upload():

@@ -61,6 +61,13 @@ UP = ("keys", "shares", "masked", "unmask")  # the protocol's byte columns: up_s
 ID_BYTES = 8  # a client id in a list the server sends (stage 3)
 
 
+def layout(names: object) -> list[str]:
+    """The order in which a masked vector's arrays are masked and summed: the folded-in weight first, then the
+    keys sorted. Both ends derive it from the names alone, never from the order a transport hands a dict back in
+    (a safetensors blob is decoded in no fixed order)."""
+    return [WEIGHT, *sorted(k for k in names if k != WEIGHT)]
+
+
 class SecAggError(ValueError):
     """A protocol violation seen by a client (it refuses to go on) or a round that cannot be unmasked."""
 
@@ -211,7 +218,7 @@ class SecAggClient:
         if n_examples <= 0 or n_examples * p.levels * max(self.m, 1) >= 1 << 63:
             raise SecAggError(f"client {self.cid}: n_examples {n_examples} overflows the field at "
                               f"{p.bits} quantization bits")
-        keys = list(vector)
+        keys = layout(vector)[1:]
         # Flower's stochastic rounding draws from NumPy's global generator: seed it for this (client, round), so a
         # run is reproducible in process and on Flower, and restore it after
         saved = np.random.get_state()
@@ -346,13 +353,15 @@ class SecAggServer:
         for c in self.survivors:
             v = masked[c]
             self.received.append(("masked", c, v))
+            if WEIGHT in v:
+                v = {k: v[k] for k in layout(v)}
             self.bytes_up["masked"][c] = sum(np.asarray(a).nbytes for a in v.values())
             self.bytes_masked_head[c] = sum(np.asarray(a).nbytes for k, a in v.items()
                                             if k != WEIGHT and factor_of(k) == "head")
             if self.masked_sum is None:
                 self.names, self.shapes = list(v), [np.shape(a) for a in v.values()]
                 self.masked_sum = [np.zeros(int(np.prod(s)), dtype=np.uint64) for s in self.shapes]
-            if list(v) != self.names or [np.shape(a) for a in v.values()] != self.shapes:
+            if list(v)[:1] != [WEIGHT] or list(v) != self.names or [np.shape(a) for a in v.values()] != self.shapes:
                 self._skip(f"client {c}: masked vector of another layout")
                 continue
             self.masked_sum = [s + np.asarray(a, dtype=np.uint64).reshape(-1) for s, a in

@@ -53,7 +53,8 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same
 def from_record(rec: ArrayRecord, cast: ConfigRecord | None = None) -> dict[str, torch.Tensor]:
     if list(rec.keys()) == [PACKED]:
         blob = rec[PACKED].numpy().tobytes()
-        return safetensors_load(blob) if blob else {}
+        tensors = safetensors_load(blob) if blob else {}
+        return {k: tensors[k] for k in sorted(tensors)}  # safetensors decodes in no fixed order: give a fixed one
     cast = cast or {}
     out = {}
     for k, a in rec.items():
