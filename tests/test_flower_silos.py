@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="flwr is not installed")
 
-from test_flower import NUM, Federation, assert_same_run, rows, simulate  # noqa: E402
+from test_flower import NUM, Federation, assert_same_run, assert_same_states, rows, simulate  # noqa: E402
 from test_silos import files_config, write_silos  # noqa: E402
 
 from fedlora.runtime.flower_cli import make_node_keys  # noqa: E402
@@ -187,14 +187,17 @@ def test_node_keys_are_what_flower_reads(tmp_path):
     assert private.stat().st_mode & 0o077 == 0  # the private key is the node's only
 
 
-def test_secure_aggregation_is_refused_on_flower_in_one_line(tmp_path):
-    """Secure aggregation runs in process; on Flower its unmask stage does not work yet, so a run is refused up
-    front rather than skipping every round."""
-    from fedlora.config import build_config
-    from fedlora.runtime.flower.server import check_flower_method
-
+def test_silo_run_with_secure_aggregation_equals_in_process(silos, tmp_path):
+    """Three silos over TLS with node authentication, SecAgg+ as four message exchanges: the rows, bytes and states
+    equal the in-process run with secure aggregation (masks cancel exactly; rounding is seeded)."""
     cfg = flower_config(tmp_path, "fedit")
     cfg["federation"] = {**cfg["federation"], "secure_aggregation": True}
-    with pytest.raises(ValueError, match="federation.secure_aggregation: not yet on Flower"):
-        check_flower_method(build_config(cfg))
-
+    flower_dir = silos.run(cfg, tmp_path / "flower")
+    sim_dir = in_process(silos, cfg, tmp_path / "sim")
+    fr, sr = rows(flower_dir), rows(sim_dir)
+    assert len(fr) == len(sr) == 2
+    for f, s in zip(fr, sr, strict=True):
+        diff = {k: (f.get(k), v) for k, v in s.items() if k != "wall_s" and f.get(k) != v}
+        assert not diff, diff
+        assert not f["skipped"] and f["secagg_survivors"] == 3 and f["up_secagg_masked"] > 0
+    assert_same_states(flower_dir, sim_dir)

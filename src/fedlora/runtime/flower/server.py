@@ -60,9 +60,6 @@ def check_flower_method(cfg) -> None:
     if issubclass(get_method(cfg.method.name), DownloadWire):
         raise ValueError(f"method '{cfg.method.name}' sends downloads that the client decodes (stacked "
                          f"factors), which this runtime does not do yet; run it with `fedlora run`")
-    if cfg.federation.secure_aggregation:  # its unmask stage fails on real silos: the round would be skipped
-        raise ValueError("federation.secure_aggregation: not yet on Flower (its unmask stage is not working there); "
-                         "run it with `fedlora run`")
 
 
 class FlowerServer:
